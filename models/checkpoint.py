@@ -1,0 +1,216 @@
+"""Safe checkpoint reading, family detection from keys and shapes, and strict model building.
+
+Nothing here can execute code from a file: safetensors, or torch.load(weights_only=True) for
+pickles. Original single-file SD checkpoints load by stripping their prefixes; the architecture
+is read from the keys and shapes, so pruned variants (SSD-1B) need no new code.
+"""
+import json
+import logging
+import os
+import pickle
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Non-weight entries real files carry: EMA copies, the noise-schedule buffers, position ids, CLIP's
+# logit scale. They are dropped (logged at debug level); anything else unexpected is an error.
+IGNORED = re.compile(r"^(model_ema\.|betas$|alphas_cumprod|alphas_cumprod_prev$|sqrt_|log_one_minus_"
+                     r"|posterior_|logvar$|lvlb_weights$|.*position_ids$|.*logit_scale$|.*\.attn_mask$)")
+
+# Cross-attention width -> family (USERS.md Sec. 4); SDXL and SSD-1B also carry label_emb.
+CONTEXT_DIM_FAMILY = {768: "sd15", 1024: "sd21", 2048: "sdxl"}
+FAMILY_NAMES = {"sd15": "SD1.x", "sd21": "SD2.x", "sdxl": "SDXL", "ssd1b": "SSD-1B", "demo": "demo"}
+# Head layout is not in the weights: SD1 uses 8 heads, SD2/SDXL 64 channels per head.
+FAMILY_HEADS = {"sd15": dict(num_heads=8), "sd21": dict(num_head_channels=64),
+                "sdxl": dict(num_head_channels=64), "ssd1b": dict(num_head_channels=64)}
+VAE_SCALE = {"sd15": 0.18215, "sd21": 0.18215, "sdxl": 0.13025, "ssd1b": 0.13025}
+SDXL_DEPTHS = [0, 0, 0, 0, 2, 2, 0, 10, 10]          # SDXL base: transformer depth per input block
+
+#----------------------------------------------------------------------------
+# Reading files.
+
+
+def load_file(path: str) -> tuple[dict, dict]:
+    """Read a checkpoint as (state_dict, metadata), refusing anything that could run code."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; pass a single-file checkpoint (.safetensors or .ckpt). "
+                         "diffusers-format folders are not supported for base models.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    if path.endswith(PICKLE_SUFFIXES):
+        return _load_pickle(path), {}
+    raise ValueError(f"unknown checkpoint extension for {path}: expected .safetensors or one of "
+                     f"{', '.join(PICKLE_SUFFIXES)}")
+
+
+def _load_safetensors(path: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:                      # check the header before safetensors parses it
+        head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{path} is not a safetensors file (only {size} bytes): truncated or corrupt")
+    n = int.from_bytes(head, "little")
+    if n > min(size - 8, 100 * 2**20):
+        raise ValueError(f"{path}: safetensors header claims {n} bytes but the file has {size}: "
+                         "truncated or corrupt (re-download it)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:                           # SafetensorsError and friends: say what it is
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return sd, meta
+
+
+def _load_pickle(path: str) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refused to load {path}: it is a pickle that wants to run code or build "
+                         f"objects other than tensors ({str(e).splitlines()[0][:200]}). Nothing was "
+                         "executed. Convert it to .safetensors with a tool you trust.") from None
+    except Exception as e:
+        raise ValueError(f"{path} could not be read as a weights-only checkpoint (truncated or "
+                         f"corrupt?): {e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a flat dict of tensors (a state_dict)")
+    return obj
+
+
+def check_finite(sd: dict, what: str) -> None:
+    """Warn (do not fail) when weights carry NaN or Inf: outputs would be garbage."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        log.warning("%s: %d tensors hold NaN/Inf values (first: %s); the file is probably damaged",
+                    what, len(bad), ", ".join(bad[:3]))
+
+
+#----------------------------------------------------------------------------
+# Family detection and splitting.
+
+
+def split_prefix(sd: dict, prefix: str) -> dict:
+    """The sub-dict under `prefix`, with the prefix stripped."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def context_dim(unet_sd: dict) -> int:
+    """Cross-attention width of a prefix-stripped UNet state dict."""
+    for k, v in unet_sd.items():
+        if k.endswith("attn2.to_k.weight"):
+            return v.shape[1]
+    raise ValueError("no cross-attention weights (attn2.to_k) found: not a Stable Diffusion UNet")
+
+
+def detect_family(sd: dict) -> str:
+    """'sd15' | 'sd21' | 'sdxl' | 'ssd1b' from the UNet's keys and shapes."""
+    unet = split_prefix(sd, UNET_PREFIX)
+    if not unet:
+        raise ValueError(f"no UNet weights under '{UNET_PREFIX}': not an original-layout SD checkpoint "
+                         f"(first keys: {sorted(sd)[:3]})")
+    d = context_dim(unet)
+    if d not in CONTEXT_DIM_FAMILY:
+        raise ValueError(f"cross-attention width {d} matches no known family (768 SD1.x, 1024 SD2.x, "
+                         "2048 SDXL/SSD-1B)")
+    family = CONTEXT_DIM_FAMILY[d]
+    if family == "sdxl":
+        if "label_emb.0.0.weight" not in unet:
+            raise ValueError("context width 2048 but no label_emb: an unknown SDXL variant")
+        if transformer_depths(unet) != SDXL_DEPTHS:
+            family = "ssd1b"                         # a pruned SDXL (SSD-1B and relatives)
+    return family
+
+
+def transformer_depths(unet_sd: dict) -> list[int]:
+    """Transformer depth of each input block (0 = no attention)."""
+    depth: dict[int, int] = {}
+    for k in unet_sd:
+        if m := re.match(r"input_blocks\.(\d+)\.1\.transformer_blocks\.(\d+)\.", k):
+            depth[int(m.group(1))] = max(depth.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+    n = 1 + max(int(m.group(1)) for k in unet_sd if (m := re.match(r"input_blocks\.(\d+)\.", k)))
+    return [depth.get(i, 0) for i in range(n)]
+
+
+#----------------------------------------------------------------------------
+# Strict loading with evidence.
+
+
+def load_strict(module: nn.Module, sd: dict, what: str, family: str) -> None:
+    """Strict load (assigning the file's tensors to a meta-built module) with one readable error."""
+    ours = module.state_dict()
+    missing = [k for k in ours if k not in sd]
+    extra = [k for k in sd if k not in ours]
+    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}"
+           for k in sd.keys() & ours.keys() if sd[k].shape != ours[k].shape]
+    if missing or extra or bad:
+        fam = FAMILY_NAMES.get(family, family)
+        raise ValueError(f"{what} weights do not fit the detected {fam} architecture: "
+                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} unexpected "
+                         f"(e.g. {extra[:3]}), {len(bad)} wrong shape (e.g. {bad[:3]})")
+    module.load_state_dict(sd, strict=True, assign=True)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    assert not left, f"{what}: tensors left uninitialised after loading: {left[:3]}"
+
+
+def drop_ignored(sd: dict) -> dict:
+    """Remove the non-weight entries real checkpoints carry, saying so at debug level."""
+    dropped = [k for k in sd if IGNORED.match(k)]
+    if dropped:
+        log.debug("ignoring %d non-weight entries (e.g. %s)", len(dropped), dropped[:3])
+    return {k: v for k, v in sd.items() if not IGNORED.match(k)}
+
+
+@dataclass
+class Components:
+    unet: nn.Module
+    vae: nn.Module
+    text: nn.Module
+    family: str
+    config: dict
+    metadata: dict
+
+
+def build_components(sd: dict, metadata: dict, dtype: torch.dtype = torch.float32) -> Components:
+    """Build UNet, VAE and text conditioner from a full original-layout state dict, strictly."""
+    from models.text import build_text_conditioner
+    from models.unet import UNetModel, infer_unet_config
+    from models.vae import AutoencoderKL, infer_vae_config
+    sd = drop_ignored(sd)
+    check_finite(sd, "checkpoint")
+    saved = json.loads(metadata["lcm.config"]) if "lcm.config" in metadata else None
+    family = saved["family"] if saved else detect_family(sd)
+    unet_sd, vae_sd = split_prefix(sd, UNET_PREFIX), split_prefix(sd, VAE_PREFIX)
+    leftover = [k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX) + TEXT_PREFIXES)]
+    if leftover:
+        raise ValueError(f"unexpected entries in a {FAMILY_NAMES.get(family, family)} checkpoint: "
+                         f"{leftover[:5]}")
+    if not vae_sd:
+        raise ValueError(f"no VAE weights under '{VAE_PREFIX}' (a UNet-only file?). Pass a full "
+                         "single-file checkpoint.")
+    if saved:
+        unet_cfg, vae_cfg = saved["unet"], saved["vae"]
+    else:
+        unet_cfg = infer_unet_config(unet_sd, **FAMILY_HEADS[family])
+        vae_cfg = {**infer_vae_config(vae_sd), "scale_factor": VAE_SCALE[family]}
+    with torch.device("meta"):
+        unet, vae = UNetModel(**unet_cfg), AutoencoderKL(**vae_cfg)
+    load_strict(unet, unet_sd, "UNet", family)
+    load_strict(vae, vae_sd, "VAE", family)
+    text = build_text_conditioner(saved["text_family"] if saved else family, sd,
+                                  dtype=torch.float32, **({"config": saved["text"]} if saved else {}))
+    config = {"family": family, "unet": unet_cfg, "vae": vae_cfg}
+    return Components(unet.to(dtype), vae, text.to(dtype), family, config, metadata)
