@@ -1,0 +1,316 @@
+"""Text -> image: the public Pipeline (DESIGN.md). Builds from one original-layout checkpoint,
+stacks LoRAs by task arithmetic (LCM-LoRA report Eqs. 2-3) and samples with LCM, DDIM or
+DPM-Solver(++) through the model-agnostic solvers."""
+import json
+import logging
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from lcm.conditioning import sdxl_vector, zero_uncond
+from lcm.consistency import ConsistencySpec, f_theta, guidance_embedding
+from models import checkpoint as ckpt
+from models import lora as lora_lib
+from models import lora_io
+from models.text import Conditioning
+from solvers import ddim, dpm_solver
+from solvers import lcm as lcm_solver
+from solvers.noise import randn
+from solvers.schedule import Schedule, lcm_timesteps, on_lcm_grid, spaced_timesteps
+from solvers.wrappers import cfg, lcm_w, to_eps, to_x0
+
+log = logging.getLogger(__name__)
+
+SOLVERS = ("lcm", "ddim", "dpmsolver", "dpmsolver++")
+DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024, "ssd1b": 1024}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class Pipeline:
+    """Stable Diffusion (SD1/SD2/SDXL/SSD-1B/demo) with LoRA stacking and few-step solvers."""
+
+    def __init__(self, unet, vae, text, family: str, prediction_type: str = "epsilon",
+                 schedule: Schedule | None = None, spec: ConsistencySpec | None = None,
+                 config: dict | None = None, device="cpu", dtype=torch.float32):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.unet, self.vae, self.text = unet.eval(), vae.eval(), text.eval()
+        self.family, self.prediction_type = family, prediction_type
+        self.schedule = schedule or Schedule.make()
+        self.spec = spec or ConsistencySpec()
+        self.config = dict(config or {})
+        self.device, self.dtype = torch.device(device), dtype
+        self.default_size = self.config.get("default_size", DEFAULT_SIZE.get(family, 512))
+        for p in [*unet.parameters(), *vae.parameters(), *text.parameters()]:
+            p.requires_grad_(False)
+
+    #------------------------------------------------------------------------
+    # Building.
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", dtype=torch.float32, prediction_type=None,
+                        vae_dtype=None) -> "Pipeline":
+        """Load an original single-file checkpoint (.safetensors, or .ckpt read weights-only)."""
+        sd, meta = ckpt.load_file(path)
+        c = ckpt.build_components(sd, meta, dtype=dtype)
+        del sd
+        pred = prediction_type or meta.get("prediction_type") or c.config.get("prediction_type")
+        if pred is None:
+            pred = "v_prediction" if c.family == "sd21" else "epsilon"
+            if c.family == "sd21":
+                log.warning("SD2.x weights cannot tell v-prediction (768-v) from epsilon (512-base); "
+                            "assuming v_prediction. Pass prediction_type='epsilon' (sample.py: "
+                            "model.prediction_type=epsilon) for the base models.")
+        spec = ConsistencySpec.from_metadata(meta) if "lcm.spec" in meta else None
+        if vae_dtype is None:                 # SDXL's VAE overflows in fp16: keep VAEs in fp32
+            vae_dtype = torch.float32
+        saved = json.loads(meta["lcm.config"]) if "lcm.config" in meta else {}
+        config = {**c.config, **{k: v for k, v in saved.items() if k == "default_size"}}
+        pipe = cls(c.unet, c.vae.to(vae_dtype), c.text, c.family, pred, spec=spec, config=config,
+                   device=device, dtype=dtype)
+        return pipe.to(device)
+
+    def to(self, device) -> "Pipeline":
+        self.device = torch.device(device)
+        for m in (self.unet, self.vae, self.text):
+            m.to(self.device)
+        return self
+
+    @property
+    def vae_scale(self) -> float:
+        return self.vae.scale_factor
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel (8 for every SD VAE)."""
+        return 2 ** (len(self.vae.ch_mult) - 1)
+
+    @property
+    def is_full_lcm(self) -> bool:
+        """A full LCM carries the guidance (w) embedding projection."""
+        return getattr(self.unet, "time_cond_proj", None) is not None
+
+    #------------------------------------------------------------------------
+    # Conditioning.
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts) -> Conditioning:
+        """Prompts -> Conditioning(context (B,77,D), pooled (B,1280) or None)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        cond = self.text.encode(prompts)
+        return Conditioning(cond.context.to(self.device, self.dtype),
+                            None if cond.pooled is None else cond.pooled.to(self.device, self.dtype))
+
+    def _vector(self, cond: Conditioning, height: int, width: int):
+        if cond.pooled is None:
+            return None
+        return sdxl_vector(cond.pooled, (height, width), (0, 0), (height, width))
+
+    #------------------------------------------------------------------------
+    # LoRA: task arithmetic W = W0 + sum_i scale_i * (alpha_i / r_i) * B_i A_i.
+
+    def load_lora(self, path, name=None, scale: float = 1.0, strict: bool = True) -> str:
+        """Load a LoRA file in any supported format as a named adapter; returns the name."""
+        rep = lora_io.load_lora(self.unet, path, name=name, scale=scale, strict=strict,
+                                text_encoders=list(self.text.towers), dtype=self.dtype)
+        return rep.name
+
+    def lora_names(self) -> list[str]:
+        return lora_lib.lora_names(self.unet)
+
+    def set_lora_scales(self, scales: dict) -> None:
+        """Set runtime scales by adapter name; a fused model is re-fused so outputs follow."""
+        unknown = set(scales) - set(self.lora_names())
+        if unknown:
+            raise ValueError(f"unknown adapters {sorted(unknown)}; loaded: {self.lora_names()}")
+        for m in (self.unet, self.text):
+            present = set(lora_lib.lora_names(m))
+            lora_lib.set_lora_scales(m, {k: v for k, v in scales.items() if k in present})
+
+    def fuse_lora(self) -> None:
+        """Bake the current scales into the weights; unfuse_lora restores W0 bit for bit."""
+        lora_lib.fuse_lora(self.unet)
+
+    def unfuse_lora(self) -> None:
+        lora_lib.unfuse_lora(self.unet)
+
+    def save_lora(self, path, name: str, format: str = "kohya", overwrite: bool = False) -> str:
+        """Write adapter `name` as trained (rank, alpha, weights) in 'kohya' or 'peft' layout."""
+        meta = {"lcm.family": self.family, **self.spec.to_metadata()}
+        return lora_io.save_lora(self.unet, path, name, format=format, overwrite=overwrite, metadata=meta)
+
+    #------------------------------------------------------------------------
+    # Sampling.
+
+    def _net(self, conds, ys, w_emb):
+        """x, t -> eps: one batched UNet call over [cond] or [uncond, cond], CFG done by caller."""
+        context = torch.cat([c.context for c in conds])
+        y = None if ys[0] is None else torch.cat(ys)
+
+        def net(x, t):
+            n = len(conds)
+            xb = torch.cat([x] * n)
+            tb = torch.as_tensor(t, device=x.device).reshape(-1).expand(xb.shape[0])
+            out = self.unet(xb.to(self.dtype), tb, context, y=y, timestep_cond=w_emb).float()
+            eps = to_eps(out, xb.float(), tb, self.schedule, self.prediction_type)
+            return eps.chunk(n)
+        return net
+
+    @torch.no_grad()
+    def __call__(self, prompt, negative_prompt=None, steps: int = 4, guidance_scale: float = 1.0,
+                 solver: str = "lcm", timesteps=None, height=None, width=None, seed=None,
+                 generator=None, latents=None, init_image=None, strength: float = 1.0,
+                 output: str = "pil", progress: bool = True, eta: float = 0.0):
+        """Generate images. See DESIGN.md for the meaning of every argument."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        height, width = height or self.default_size, width or self.default_size
+        self._check_args(prompts, steps, guidance_scale, solver, timesteps, height, width,
+                         strength, output, init_image)
+        B = len(prompts)
+        if seed is not None:                 # per-image generators: an image reproduces at any batch size
+            generator = [torch.Generator().manual_seed(int(seed) + i) for i in range(B)]
+        s = float(guidance_scale)
+        cond = self.encode_prompt(prompts)
+        conds, w_emb = [cond], None
+        if self.is_full_lcm:                 # guidance is distilled in: embed w = s - 1, one pass
+            if negative_prompt is not None:
+                raise ValueError("this model distils CFG against the empty prompt; negative prompts "
+                                 "are not supported")
+            w_emb = guidance_embedding(torch.full((B,), lcm_w(s)), self.unet.time_cond_proj.in_features)
+            w_emb = w_emb.to(self.device, self.dtype)
+        elif s != 1.0:
+            conds = [self._uncond(negative_prompt, B, cond), cond]
+        elif negative_prompt is not None:
+            log.warning("negative_prompt is ignored at guidance_scale=1")
+        ys = [self._vector(c, height, width) for c in conds]
+        net = self._net(conds, ys, None if w_emb is None else torch.cat([w_emb] * len(conds)))
+
+        def eps_fn(x, t):                     # CFG on eps: eps_u + s * (eps_c - eps_u)
+            out = net(x, t)
+            return out[0] if len(out) == 1 else cfg(out[1], out[0], s)
+
+        ts = self._timesteps(solver, steps, timesteps, strength if init_image is not None else 1.0)
+        f = self.latent_factor
+        shape = (B, self.unet.in_channels, height // f, width // f)
+        z0 = None
+        if init_image is not None:
+            z0 = self._encode_image(init_image, B, generator)
+        if latents is None:
+            latents = randn(shape, generator, device=self.device, dtype=torch.float32)
+        x = latents.to(self.device, torch.float32)
+        if z0 is not None:                    # img2img: noise the image latent to the first timestep
+            x = self.schedule.alpha(ts[0]) * z0 + self.schedule.sigma(ts[0]) * x
+        bar = tqdm(total=len(ts), disable=not progress, desc=f"{solver} {len(ts)} steps", leave=False)
+        step_done = lambda *_: bar.update(1)
+
+        if solver == "lcm":
+            def denoise(z, t):                # f_theta(z, t) = c_skip z + c_out x0_hat
+                x0 = to_x0(eps_fn(z, t), z, t, self.schedule, "epsilon")
+                return f_theta(z, x0, t, self.spec)
+            out = lcm_solver.sample_lcm(denoise, x, ts, self.schedule, generator=generator,
+                                        callback=step_done)
+        elif solver == "ddim":
+            out = ddim.sample_ddim(eps_fn, x, ts, self.schedule, eta=eta, generator=generator,
+                                   callback=step_done)
+        elif solver == "dpmsolver++":
+            out = dpm_solver.sample_dpmpp_2m(eps_fn, x, ts, self.schedule, callback=step_done)
+        else:
+            out = dpm_solver.sample_dpm_solver(eps_fn, x, ts, self.schedule, order=2, callback=step_done)
+        bar.close()
+        return self._output(out, output)
+
+    def _uncond(self, negative_prompt, B: int, cond: Conditioning) -> Conditioning:
+        if negative_prompt is None and self.family in ("sdxl", "ssd1b"):
+            return zero_uncond(cond)
+        neg = negative_prompt if negative_prompt is not None else ""
+        neg = [neg] * B if isinstance(neg, str) else list(neg)
+        if len(neg) != B:
+            raise ValueError(f"negative_prompt has {len(neg)} entries for {B} prompts")
+        return self.encode_prompt(neg)
+
+    def _timesteps(self, solver, steps, timesteps, strength) -> list[int]:
+        if timesteps is not None:
+            ts = [int(t) for t in timesteps]
+            if any(a <= b for a, b in zip(ts, ts[1:])) or not all(0 <= t < 1000 for t in ts):
+                raise ValueError(f"timesteps must be strictly descending integers in [0, 999], got {ts}")
+            if solver == "lcm" and not on_lcm_grid(ts, self.spec.num_ddim_timesteps):
+                log.warning("timesteps %s are not all on the %d-point LCM training grid", ts,
+                            self.spec.num_ddim_timesteps)
+            return ts
+        if solver == "lcm":
+            if "lcm" in self.lora_names() and steps > 8:
+                log.warning("LCM-LoRA is distilled for 1-8 steps; %d steps rarely helps", steps)
+            return lcm_timesteps(steps, self.spec.num_ddim_timesteps, strength=strength)
+        if solver == "ddim":                 # the SD release's DDIM config: leading, offset 1
+            ts = spaced_timesteps(steps, "leading", steps_offset=1)
+        else:                                # DPM-Solver(++) as diffusers' multistep scheduler
+            ts = spaced_timesteps(steps, "linspace", convention="dpm")
+        if strength < 1.0:                   # img2img: start part-way down the same list
+            k = min(int(steps * strength), steps)
+            if k < 1:
+                raise ValueError(f"strength {strength} with {steps} steps runs 0 steps; raise "
+                                 f"strength to at least {1 / steps:.3f} or use more steps")
+            ts = ts[steps - k:]
+            log.info("img2img: %d of %d steps run (strength %.2f)", k, steps, strength)
+        return ts
+
+    def _encode_image(self, image, B, generator) -> torch.Tensor:
+        img = _as_image_tensor(image).to(self.device)
+        if img.shape[0] == 1 and B > 1:
+            img = img.expand(B, -1, -1, -1)
+        post = self.vae.encode(img.to(next(self.vae.parameters()).dtype))
+        g = generator if not isinstance(generator, list) else generator[0]
+        return (post.sample(generator=g).float() * self.vae_scale)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """UNet-space latent (B,4,h,w) -> images in [0, 1] (B,3,H,W), checked for NaN/Inf."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        img = self.vae.decode((z / self.vae_scale).to(vae_dtype)).float()
+        if not torch.isfinite(img).all():
+            raise FloatingPointError("the VAE decode produced NaN/Inf (the SDXL VAE overflows in "
+                                     "fp16): keep the VAE in fp32 (vae_dtype=torch.float32) or use "
+                                     "an fp16-fixed VAE")
+        return ((img + 1) / 2).clamp(0, 1)
+
+    def _output(self, z, output):
+        if output == "latent":
+            return z
+        img = self.decode(z)
+        if output == "tensor":
+            return img
+        from PIL import Image
+        arr = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+
+    def _check_args(self, prompts, steps, s, solver, timesteps, height, width, strength, output,
+                    init_image):
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        if timesteps is None and (not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if not (0.0 <= float(s) <= 30.0):
+            raise ValueError(f"guidance_scale must be in [0, 30] (1.0 = no guidance), got {s}")
+        if not (0.0 < float(strength) <= 1.0):
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if output not in ("pil", "latent", "tensor"):
+            raise ValueError(f"output must be 'pil', 'latent' or 'tensor', got {output!r}")
+        m = self.latent_factor * 2 ** (len(self.unet.channel_mult) - 1)
+        if height % m or width % m or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {m} for this model, "
+                             f"got {height}x{width}")
+        if "lcm" in self.lora_names() and s > 2.0:
+            log.warning("LCM-LoRA with guidance_scale %.1f > 2 tends to burn or blacken images; "
+                        "the guidance is distilled in, use 1.0-2.0", s)
+
+
+def _as_image_tensor(image) -> torch.Tensor:
+    """PIL image / (3,H,W) or (B,3,H,W) tensor in [0,1] -> (B,3,H,W) in [-1,1]."""
+    if isinstance(image, torch.Tensor):
+        t = image if image.dim() == 4 else image[None]
+    else:
+        import numpy as np
+        t = torch.from_numpy(np.asarray(image.convert("RGB"), dtype="float32") / 255.0).permute(2, 0, 1)[None]
+    return t.float() * 2 - 1

@@ -1,0 +1,115 @@
+"""Composition root for sampling: build the pipeline from config, generate, write PNGs.
+
+    python sample.py                       # the bundled demo world, LCM-LoRA, 4 steps
+    python sample.py --help                # every knob
+"""
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("sample")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def build_pipeline(cfg: DictConfig):
+    import torch
+
+    from lcm.pipeline import Pipeline
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")
+    pipe = Pipeline.from_checkpoint(cfg.model.path, device=cfg.model.device,
+                                    dtype=getattr(torch, cfg.model.dtype),
+                                    prediction_type=cfg.model.prediction_type)
+    for item in cfg.lora or []:
+        spec = {"path": item} if isinstance(item, str) else OmegaConf.to_container(item)
+        if "path" not in spec:
+            raise ValueError(f"lora entries need a path, got {spec}")
+        name = pipe.load_lora(spec["path"], name=spec.get("name"), scale=float(spec.get("scale", 1.0)))
+        log.info("loaded LoRA %s as %r (scale %s)", spec["path"], name, spec.get("scale", 1.0))
+    return pipe
+
+
+def free_path(out_dir: str, stem: str) -> str:
+    """A new file name in out_dir: never overwrites what is there."""
+    i = 0
+    while os.path.exists(path := os.path.join(out_dir, f"{stem}-{i:03d}.png")):
+        i += 1
+    return path
+
+
+def save_png(img, path: str, params: dict) -> None:
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()                   # A1111-style "parameters" text chunk
+    text = f"{params.pop('prompt')}\n" + ", ".join(f"{k}: {v}" for k, v in params.items())
+    info.add_text("parameters", text)
+    img.save(path, pnginfo=info)
+
+
+def run(cfg: DictConfig) -> list[str]:
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"out_dir={cfg.out_dir} exists and is a file; choose a folder")
+    prompts = cfg.prompt if cfg.prompt is not None else cfg.model.prompts
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = [p for p in prompts for _ in range(int(cfg.images_per_prompt))]
+    pipe = build_pipeline(cfg)
+    grid = cfg.grid or {"solvers": [cfg.solver.name], "steps": [cfg.steps]}
+    init = None
+    if cfg.init_image is not None:
+        from PIL import Image
+        if not os.path.isfile(cfg.init_image):
+            raise FileNotFoundError(f"init_image not found: {cfg.init_image}")
+        init = Image.open(cfg.init_image).convert("RGB")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    written, rows = [], []
+    for solver in grid["solvers"]:
+        for steps in grid["steps"]:
+            s = cfg.guidance_scale if cfg.grid is None else (1.0 if solver == "lcm" else 7.5)
+            images = pipe(prompts, negative_prompt=cfg.negative_prompt, steps=int(steps),
+                          guidance_scale=float(s), solver=solver, timesteps=cfg.timesteps,
+                          height=cfg.height, width=cfg.width, seed=int(cfg.seed), init_image=init,
+                          strength=float(cfg.strength) if init is not None else 1.0)
+            rows.append(images)
+            for i, (p, img) in enumerate(zip(prompts, images)):
+                params = dict(prompt=p, negative_prompt=cfg.negative_prompt, solver=solver,
+                              steps=steps, guidance_scale=s, seed=int(cfg.seed) + i,
+                              size=f"{img.width}x{img.height}", model=os.path.basename(cfg.model.path),
+                              lora=OmegaConf.to_container(cfg.lora) if cfg.lora else None)
+                path = free_path(cfg.out_dir, f"{solver}-{steps}steps-seed{int(cfg.seed) + i}")
+                save_png(img, path, params)
+                written.append(path)
+    if len(rows) > 1 or len(prompts) > 1:
+        path = free_path(cfg.out_dir, "grid")
+        contact_sheet(rows).save(path)
+        written.append(path)
+    for p in written:
+        print(p)
+    return written
+
+
+def contact_sheet(rows):
+    """Rows of PIL images -> one image (a row per solver/steps setting)."""
+    from PIL import Image
+    w, h = rows[0][0].size
+    sheet = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for r, images in enumerate(rows):
+        for c, img in enumerate(images):
+            sheet.paste(img, (c * w, r * h))
+    return sheet
+
+
+@hydra.main(config_path="conf", config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+        if cfg.debug:
+            raise
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Pipeline parity with diffusers' StableDiffusionPipeline (same random weights, latents, noise)."""
+import logging
+
+import pytest
+import torch
+
+from lcm.pipeline import Pipeline
+from tests.oracle import tiny_clip, tiny_unet, tiny_vae, write_original
+
+H = W = 32                                                   # tiny VAE downsamples 2x -> 16x16 latents
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    unet, vae, te = tiny_unet("sd15", layers_per_block=2), tiny_vae(), tiny_clip(768, "quick_gelu")
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny-sd15.safetensors")
+    write_original(path, "sd15", unet, vae, [te])
+    return path, unet, vae, te
+
+
+@pytest.fixture(scope="module")
+def pipe(sd15):
+    return Pipeline.from_checkpoint(sd15[0])
+
+
+def reference(sd15, scheduler):
+    from diffusers import StableDiffusionPipeline
+    _, unet, vae, te = sd15
+    ref = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=None, unet=unet, scheduler=scheduler,
+                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def schedulers():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+    sd = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    return {
+        "ddim": DDIMScheduler(**sd, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              timestep_spacing="leading"),
+        "dpmsolver++": DPMSolverMultistepScheduler(**sd, algorithm_type="dpmsolver++", solver_order=2,
+                                                   timestep_spacing="linspace"),
+        "lcm": LCMScheduler(**sd, original_inference_steps=50, set_alpha_to_one=True),
+    }
+
+
+def close(a, b, rel):
+    err = (a - b).abs().max().item()
+    assert err <= rel * max(1.0, b.abs().max().item()), f"max abs error {err:.3g}"
+
+
+@pytest.mark.parametrize("solver,steps,s", [("ddim", 8, 7.5), ("dpmsolver++", 8, 7.5), ("lcm", 1, 1.0),
+                                            ("lcm", 4, 1.0)])
+def test_latents_match_diffusers(sd15, pipe, solver, steps, s):
+    prompts = ["a red circle", "a blue square"]
+    x_T = torch.randn(2, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(3))
+    ours = pipe(prompts, steps=steps, guidance_scale=s, solver=solver, height=H, width=W,
+                generator=torch.Generator().manual_seed(7), latents=x_T, output="latent", progress=False)
+    cond, uncond = pipe.encode_prompt(prompts), pipe.encode_prompt(["", ""])
+    ref = reference(sd15, schedulers()[solver])
+    theirs = ref(prompt_embeds=cond.context, negative_prompt_embeds=uncond.context, num_inference_steps=steps,
+                 guidance_scale=s, height=H, width=W, latents=x_T.clone(),
+                 generator=torch.Generator().manual_seed(7), output_type="latent").images
+    close(ours, theirs, 1e-3)
+
+
+def test_per_image_seeds_reproduce_across_batch_sizes(pipe):
+    one = pipe(["a"], steps=2, height=H, width=W, seed=5, output="latent", progress=False)
+    two = pipe(["a", "b"], steps=2, height=H, width=W, seed=5, output="latent", progress=False)
+    # same noise bit for bit (tests/test_solvers); the UNet's batched matmuls differ in the last ulp
+    torch.testing.assert_close(one[0], two[0], rtol=1e-5, atol=1e-4)
+    three = pipe(["a"], steps=2, height=H, width=W, seed=6, output="latent", progress=False)
+    assert (three[0] - one[0]).abs().max() > 1e-2
+
+
+def test_outputs_and_img2img(pipe):
+    img = pipe("a", steps=2, height=H, width=W, seed=0, output="tensor", progress=False)
+    assert img.shape == (1, 3, H, W) and 0 <= img.min() and img.max() <= 1
+    pil = pipe("a", steps=1, height=H, width=W, seed=0, progress=False)
+    assert pil[0].size == (W, H)
+    out = pipe("a", steps=4, height=H, width=W, seed=0, init_image=img, strength=0.5, output="latent",
+               progress=False)
+    assert out.shape == (1, 4, H // 2, W // 2) and torch.isfinite(out).all()
+
+
+def test_timesteps_argument_wins(pipe):
+    a = pipe("a", timesteps=[999, 499], height=H, width=W, seed=1, output="latent", progress=False)
+    b = pipe("a", steps=2, height=H, width=W, seed=1, output="latent", progress=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(height=30), "multiples of"), (dict(steps=0), "steps must be"), (dict(solver="euler"), "unknown solver"),
+    (dict(guidance_scale=-1), "guidance_scale"), (dict(strength=0.0), "strength"), (dict(output="np"), "output"),
+])
+def test_bad_arguments_name_the_problem(pipe, kwargs, match):
+    args = dict(height=H, width=W, progress=False) | kwargs
+    with pytest.raises(ValueError, match=match):
+        pipe("a", **args)
+
+
+def test_negative_prompt_ignored_at_guidance_one(pipe, caplog):
+    with caplog.at_level(logging.WARNING):
+        pipe("a", negative_prompt="b", steps=1, height=H, width=W, seed=0, output="latent", progress=False)
+    assert "negative_prompt is ignored" in caplog.text
