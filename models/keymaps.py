@@ -19,6 +19,7 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    "time_embedding.cond_proj": "time_cond_proj",          # full-LCM w-embedding (bias-free Linear)
     "add_embedding.linear_1": "label_emb.0.0",
     "add_embedding.linear_2": "label_emb.0.2",
     "conv_norm_out": "out.0",
@@ -69,11 +70,65 @@ def _resnet_rest(rest: str) -> str:
     return "." + _UNET_RESNET[m.group(1)] + (m.group(2) or "")
 
 
-def unet_state_dict_diffusers_to_ldm(sd: dict, layers_per_block: int = 2) -> dict:
-    """Rename a diffusers UNet state dict to original LDM/SGM names (values untouched)."""
+def unet_state_dict_diffusers_to_ldm(sd: dict, layers_per_block: int | None = None) -> dict:
+    """Rename a diffusers UNet state dict to original LDM/SGM names (values untouched).
+
+    layers_per_block defaults to the one the keys show (1 + the largest down_blocks.i.resnets.j).
+    """
+    if layers_per_block is None:
+        layers_per_block = 1 + max(int(m.group(1)) for k in sd
+                                   if (m := re.match(r"down_blocks\.\d+\.resnets\.(\d+)\.", k)))
     has_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
     return {unet_module_diffusers_to_ldm(k, layers_per_block, lambda i: i in has_attn): v
             for k, v in sd.items()}
+
+
+def unet_module_ldm_to_diffusers(path: str, layers_per_block: int = 2) -> str:
+    """Inverse of `unet_module_diffusers_to_ldm`: one LDM/SGM module path (or parameter) -> diffusers.
+
+    The upsampler's index inside its output block (1 or 2) is in the LDM name itself, so no
+    attention layout is needed. Raises KeyError for an unknown path.
+    """
+    R = layers_per_block + 1
+    for dst, src in _UNET_TOP.items():
+        if path == src or path.startswith(src + "."):
+            return dst + path[len(src):]
+    inv_resnet = {v: k for k, v in _UNET_RESNET.items()}
+
+    def resnet_rest(rest: str) -> str:
+        m = re.fullmatch(r"\.(\w+\.\d+|skip_connection)(\..*)?", rest)
+        if not m or m.group(1) not in inv_resnet:
+            raise KeyError(f"unknown ResBlock sub-module {rest!r} in {path!r}")
+        return "." + inv_resnet[m.group(1)] + (m.group(2) or "")
+
+    m = re.fullmatch(r"input_blocks\.(\d+)\.0\.op(\..*)?", path)
+    if m and int(m.group(1)) % R == 0:
+        return f"down_blocks.{int(m.group(1)) // R - 1}.downsamplers.0.conv" + (m.group(2) or "")
+    m = re.fullmatch(r"input_blocks\.(\d+)\.([01])(\..*)?", path)
+    if m and int(m.group(1)) % R != 0:
+        i, j = divmod(int(m.group(1)) - 1, R)
+        rest = m.group(3) or ""
+        if m.group(2) == "0":
+            return f"down_blocks.{i}.resnets.{j}" + resnet_rest(rest)
+        return f"down_blocks.{i}.attentions.{j}" + rest
+    m = re.fullmatch(r"middle_block\.([012])(\..*)?", path)
+    if m:
+        k, rest = int(m.group(1)), m.group(2) or ""
+        if k == 1:
+            return "mid_block.attentions.0" + rest
+        return f"mid_block.resnets.{k // 2}" + resnet_rest(rest)
+    m = re.fullmatch(r"output_blocks\.(\d+)\.([012])(\..*)?", path)
+    if m:
+        (i, j), k, rest = divmod(int(m.group(1)), R), m.group(2), m.group(3) or ""
+        if k != "0" and re.fullmatch(r"\.conv(\..*)?", rest):
+            if j != R - 1:
+                raise KeyError(f"{path!r}: an upsampler outside the last output block of its level")
+            return f"up_blocks.{i}.upsamplers.0" + rest
+        if k == "0":
+            return f"up_blocks.{i}.resnets.{j}" + resnet_rest(rest)
+        if k == "1":
+            return f"up_blocks.{i}.attentions.{j}" + rest
+    raise KeyError(f"no rule maps LDM UNet path {path!r}")
 
 
 #----------------------------------------------------------------------------
@@ -127,9 +182,14 @@ CLIP_IGNORED = ("text_model.embeddings.position_ids",)      # a buffer real file
 
 
 def clip_state_dict_hf_to_open_clip(sd: dict) -> dict:
-    """Convert an HF CLIP text state dict (keys from `text_model.` / `text_projection.`) to open_clip."""
+    """Convert an HF CLIP text state dict (keys from `text_model.` / `text_projection.`) to open_clip.
+
+    Keys without `text_model.` (transformers >= 5 CLIPTextModel, very old SD1 files) are accepted.
+    """
     out, qkv = {}, {}
     for k, v in sd.items():
+        if not k.startswith(("text_model.", "text_projection.")):
+            k = "text_model." + k
         if k in CLIP_IGNORED:
             continue
         if k == "text_model.embeddings.token_embedding.weight":
