@@ -1,0 +1,191 @@
+"""One LCM-LoRA distillation step at SD1.5 size: ours vs diffusers UNet2DConditionModel + peft LoRA.
+
+    nice python benchmarks/train_step.py --threads 1 --steps 3 --repeat 2
+
+The step of Algorithm 1 with one UNet in memory: student (LoRA) forward + backward at t_{n+k},
+teacher = the same UNet with adapters disabled (cond + uncond, guided DDIM step), target = the
+LoRA UNet under no_grad at t_n, pseudo-Huber loss, grad clip 1.0, AdamW step. Rank 64, alpha 64,
+the 14 LCM-LoRA module kinds, batch 1, fp32, CPU; latents and text embeddings are given (cached).
+Each implementation runs in its own subprocess so that its peak RSS (VmHWM, reset after the
+model is built) is its own. Prints median step seconds, peak RSS and ours / diffusers ratios.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SD15 = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+            attention_head_dim=8, sample_size=64)
+DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                     "time_emb_proj"]          # the diffusers LCM-LoRA scripts' list (PAPER Sec. 5)
+K, W_MIN, W_MAX, HUBER_C = 20, 5.0, 15.0, 1e-3
+
+
+def rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:        # "5": reset VmHWM to the current RSS (Linux)
+        f.write("5")
+
+#----------------------------------------------------------------------------
+# Ours: lcm.distill.lcd_loss over models.unet + models.lora.
+
+def ours_step(args):
+    from lcm.distill import UNetCond, lcd_loss, teacher_ddim_estimate
+    from models.lora import adapters_disabled, inject_lora
+    from models.unet import UNET_PRESETS, UNetModel
+    from solvers.schedule import Schedule
+    unet = UNetModel(**UNET_PRESETS["sd15"]).requires_grad_(False)
+    params = inject_lora(unet, "lcm", rank=64, alpha=64, dtype=torch.float32)
+    for p in params:
+        p.requires_grad_(True)
+    unet.set_gradient_checkpointing(args.gc)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    schedule = Schedule.make()
+    net = lambda x, t, c, w: unet(x, t, c.context)
+
+    def teacher(*a):
+        with adapters_disabled(unet):
+            return net(*a)
+    estimate = teacher_ddim_estimate(teacher, schedule, "epsilon")
+
+    def step(z, ctx, uctx, i):
+        loss, _ = lcd_loss(net, net, estimate, z, UNetCond(ctx), UNetCond(uctx), schedule,
+                           torch.Generator().manual_seed(i), k=K, w_min=W_MIN, w_max=W_MAX, loss="huber",
+                           huber_c=HUBER_C)
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+#----------------------------------------------------------------------------
+# Reference: the diffusers LCM-LoRA script's step (train_lcm_distill_lora_sd*.py), one UNet with
+# disable_adapters() for the teacher, as the diffusers SDXL datasets script does.
+
+def diffusers_step(args):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    unet = UNet2DConditionModel(**SD15).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=64, lora_alpha=64, target_modules=DIFFUSERS_TARGETS, lora_dropout=0.0))
+    if args.gc:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    abar = sched.alphas_cumprod
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    grid = torch.arange(1, 1000 // K + 1) * K - 1
+
+    def scalings(t):
+        t = t * 10.0
+        return 0.25 / (t**2 + 0.25), t / (t**2 + 0.25) ** 0.5
+
+    def col(v):
+        return v.reshape(-1, 1, 1, 1)
+
+    def step(z, ctx, uctx, i):
+        g = torch.Generator().manual_seed(i)
+        B = z.shape[0]
+        start = grid[torch.randint(0, len(grid), (B,), generator=g)]
+        w = W_MIN + (W_MAX - W_MIN) * torch.rand(B, generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        t = (start - K).clamp(min=0)
+        cs0, co0 = scalings(start)
+        cs, co = scalings(t)
+        x = col(a[start]) * z + col(s[start]) * noise
+        eps = unet(x, start, encoder_hidden_states=ctx).sample
+        model_pred = col(cs0) * x + col(co0) * (x - col(s[start]) * eps) / col(a[start])
+        with torch.no_grad():
+            unet.disable_adapters()
+            ec = unet(x, start, encoder_hidden_states=ctx).sample
+            eu = unet(x, start, encoder_hidden_states=uctx).sample
+            x0c, x0u = ((x - col(s[start]) * e) / col(a[start]) for e in (ec, eu))
+            x0 = x0c + col(w) * (x0c - x0u)
+            e = ec + col(w) * (ec - eu)
+            x_prev = col(a[t]) * x0 + col(s[t]) * e                   # DDIMSolver.ddim_step
+            unet.enable_adapters()
+            et = unet(x_prev, t, encoder_hidden_states=ctx).sample
+            target = col(cs) * x_prev + col(co) * (x_prev - col(s[t]) * et) / col(a[t])
+        loss = torch.mean(torch.sqrt((model_pred.float() - target.float()) ** 2 + HUBER_C**2) - HUBER_C)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+#----------------------------------------------------------------------------
+
+def child(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    step = (ours_step if args.impl == "ours" else diffusers_step)(args)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 4, args.side, args.side, generator=g)
+    ctx, uctx = torch.randn(1, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g)
+    base = rss_mb("VmRSS:")
+    reset_peak_rss()
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        step(z, ctx, uctx, i)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    print(json.dumps(dict(impl=args.impl, median_s=statistics.median(times), times=times, base_rss_mb=base,
+                          peak_rss_mb=rss_mb("VmHWM:"), threads=torch.get_num_threads())))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=4, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocates Adam state)")
+    ap.add_argument("--side", type=int, default=32, help="latent side (32 = 256px images)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--gc", action="store_true", help="gradient checkpointing in both")
+    ap.add_argument("--repeat", type=int, default=2, help="alternate the two subprocesses this many times")
+    ap.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.impl:
+        return child(args)
+    runs = {"ours": [], "diffusers": []}
+    for _ in range(args.repeat):                          # alternate: machine load hits both alike
+        for impl in runs:                                 # separate processes: separate peak RSS
+            cmd = [sys.executable, __file__, "--impl", impl, "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--side", str(args.side), "--threads", str(args.threads)] + (["--gc"] if args.gc else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode:
+                sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
+            runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    res = {impl: dict(impl=impl, times=[t for r in rs for t in r["times"]], threads=rs[0]["threads"],
+                      median_s=statistics.median([t for r in rs for t in r["times"]]),
+                      peak_rss_mb=statistics.median([r["peak_rss_mb"] for r in rs]),
+                      base_rss_mb=statistics.median([r["base_rss_mb"] for r in rs])) for impl, rs in runs.items()}
+    o, d = res["ours"], res["diffusers"]
+    print(f"torch {torch.__version__}, {o['threads']} threads, SD1.5 UNet, latent {args.side}x{args.side}, "
+          f"batch 1, fp32, LoRA r64, gradient checkpointing {'on' if args.gc else 'off'}")
+    for r in (o, d):
+        print(f"{r['impl']:>9}: step {r['median_s']:.2f} s (median of {len(r['times'])}), peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB (model built: {r['base_rss_mb']:.0f} MB, step adds "
+              f"{r['peak_rss_mb'] - r['base_rss_mb']:.0f} MB)")
+    print(f"ratio ours/diffusers: time {o['median_s'] / d['median_s']:.3f}, peak RSS "
+          f"{o['peak_rss_mb'] / d['peak_rss_mb']:.3f}, step's extra memory "
+          f"{(o['peak_rss_mb'] - o['base_rss_mb']) / (d['peak_rss_mb'] - d['base_rss_mb']):.3f}")
+
+
+if __name__ == "__main__":
+    main()

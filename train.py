@@ -1,0 +1,111 @@
+"""Composition root for training: compose the Hydra config, build the model and data, call the trainer.
+
+    python train.py experiment=smoke                 # tiny model + bundled images, CPU, seconds
+    python train.py model=sd15 model.path=/m.safetensors data=folder data.root=/imgs
+    python train.py -m train.k=1,5,20,50             # a sweep, one run dir per job
+    torchrun --nproc_per_node=2 train.py ...         # DDP (gloo on CPU); rank 0 logs and saves
+    python train.py hydra.run.dir=<run> resume=true  # continue a run from its newest checkpoint
+"""
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+log = logging.getLogger("train")
+DTYPES = ("float32", "float16", "bfloat16")
+ARCH_KEYS = ("family", "text_family", "unet", "vae", "text", "default_size", "randomize")
+
+
+def build_pipeline(model: dict):
+    """A Pipeline from an original checkpoint (model.path) or from architecture kwargs (no path)."""
+    import torch
+
+    from lcm.pipeline import Pipeline
+    if model.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {DTYPES}, got {model['dtype']!r}")
+    dtype = getattr(torch, model.get("dtype", "float32"))
+    if model.get("path"):
+        pipe = Pipeline.from_checkpoint(model["path"], device="cpu", dtype=dtype,
+                                        prediction_type=model.get("prediction_type"))
+    else:
+        missing = [k for k in ("family", "unet", "vae", "text") if not model.get(k)]
+        if missing:
+            raise ValueError(f"model.path is not set, so the model is built from its architecture, but "
+                             f"model.{missing[0]} is missing: set model.path=/path/to/model.safetensors "
+                             "or give model.family/unet/vae/text (see conf/experiment/smoke.yaml)")
+        from models.text import TextConditioner
+        from models.unet import UNetModel
+        from models.vae import AutoencoderKL
+        torch.manual_seed(int(model.get("seed", 0)))
+        unet, vae, text = UNetModel(**model["unet"]), AutoencoderKL(**model["vae"]), TextConditioner(**model["text"])
+        if model.get("randomize"):                   # non-degenerate random teacher (LDM init zeroes outputs)
+            g = torch.Generator().manual_seed(int(model.get("seed", 0)))
+            with torch.no_grad():
+                for p in unet.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        config = {k: model[k] for k in ARCH_KEYS if k in model and k != "randomize"}
+        config.setdefault("text_family", model["family"])
+        pipe = Pipeline(unet.to(dtype), vae, text.to(dtype), model["family"],
+                        model.get("prediction_type") or "epsilon", config=config, dtype=dtype)
+    for item in model.get("lora") or []:
+        spec = {"path": item} if isinstance(item, str) else dict(item)
+        pipe.load_lora(spec["path"], name=spec.get("name"), scale=float(spec.get("scale", 1.0)))
+    for p in [*pipe.unet.parameters(), *pipe.vae.parameters(), *pipe.text.parameters()]:
+        p.requires_grad_(False)
+    return pipe
+
+
+def run_dir_of(dist) -> str:
+    """One output dir for all processes: Hydra's dir on rank 0, broadcast to the others."""
+    from hydra.core.hydra_config import HydraConfig
+    path = [os.path.abspath(HydraConfig.get().runtime.output_dir)]
+    if dist.world > 1:
+        import torch.distributed as td
+        td.broadcast_object_list(path, src=0)
+    return path[0]
+
+
+def run(cfg: DictConfig) -> dict:
+    """Build everything the config names and train; returns the trainer's summary."""
+    from hydra.utils import instantiate
+
+    from lcm.trainer import init_distributed, train
+    dist = init_distributed(cfg.model.device)
+    run_dir = run_dir_of(dist)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    pipe = build_pipeline(config["model"])
+    data = instantiate(cfg.data, _convert_="all")
+    tcfg = instantiate(cfg.train, _convert_="all")
+    lora = instantiate(cfg.lora, _convert_="all") if cfg.lora is not None else None
+    logger = instantiate(cfg.logger, _convert_="all")
+    if tcfg.val_prompts is None and config["model"].get("prompts"):
+        tcfg.val_prompts = list(config["model"]["prompts"])
+    result = train(pipe, data, tcfg, run_dir, lora, logger, cfg.resume, config, dist,
+                   save_base=not config["model"].get("path"))
+    if dist.rank == 0:
+        print(result["export"] if result["status"] == "done" else f"stopped at step {result['step']}: {run_dir}")
+    return result
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, OSError,
+            MissingMandatoryValue) as e:
+        if cfg.debug:
+            raise
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        if isinstance(e, MissingMandatoryValue):
+            msg += f" (set it on the command line, e.g. {e.full_key}=...)"
+        print(f"train.py: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    if int(os.environ.get("RANK", 0)) > 0:       # one run dir, chosen on rank 0 (hydra#2070)
+        sys.argv += ["hydra.run.dir=.", "hydra/job_logging=stdout"]
+    main()
