@@ -66,7 +66,7 @@ class Pipeline:
         if vae_dtype is None:                 # SDXL's VAE overflows in fp16: keep VAEs in fp32
             vae_dtype = torch.float32
         saved = json.loads(meta["lcm.config"]) if "lcm.config" in meta else {}
-        config = {**c.config, **{k: v for k, v in saved.items() if k == "default_size"}}
+        config = {**c.config, **{k: v for k, v in saved.items() if k in ("default_size", "text_family")}}
         pipe = cls(c.unet, c.vae.to(vae_dtype), c.text, c.family, pred, spec=spec, config=config,
                    device=device, dtype=dtype)
         return pipe.to(device)
@@ -139,6 +139,10 @@ class Pipeline:
         """Write adapter `name` as trained (rank, alpha, weights) in 'kohya' or 'peft' layout."""
         meta = {"lcm.family": self.family, **self.spec.to_metadata()}
         return lora_io.save_lora(self.unet, path, name, format=format, overwrite=overwrite, metadata=meta)
+
+    def _lcm_lora_active(self) -> bool:
+        """An adapter named 'lcm' is loaded with a non-zero scale."""
+        return any(m.lora_scale.get("lcm", 0.0) != 0.0 for _, m in lora_lib.lora_layers(self.unet))
 
     #------------------------------------------------------------------------
     # Sampling.
@@ -239,7 +243,7 @@ class Pipeline:
                             self.spec.num_ddim_timesteps)
             return ts
         if solver == "lcm":
-            if "lcm" in self.lora_names() and steps > 8:
+            if self._lcm_lora_active() and steps > 8:
                 log.warning("LCM-LoRA is distilled for 1-8 steps; %d steps rarely helps", steps)
             return lcm_timesteps(steps, self.spec.num_ddim_timesteps, strength=strength)
         if solver == "ddim":                 # the SD release's DDIM config: leading, offset 1
@@ -301,7 +305,7 @@ class Pipeline:
         if height % m or width % m or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {m} for this model, "
                              f"got {height}x{width}")
-        if "lcm" in self.lora_names() and s > 2.0:
+        if solver == "lcm" and self._lcm_lora_active() and s > 2.0:
             log.warning("LCM-LoRA with guidance_scale %.1f > 2 tends to burn or blacken images; "
                         "the guidance is distilled in, use 1.0-2.0", s)
 

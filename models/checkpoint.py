@@ -205,6 +205,7 @@ def build_components(sd: dict, metadata: dict, dtype: torch.dtype = torch.float3
         unet_cfg, vae_cfg = saved["unet"], saved["vae"]
     else:
         unet_cfg = infer_unet_config(unet_sd, **FAMILY_HEADS[family])
+        unet_cfg["upcast_attention"] = family == "sd21"   # SD2.x attention overflows in fp16
         vae_cfg = {**infer_vae_config(vae_sd), "scale_factor": VAE_SCALE[family]}
     with torch.device("meta"):
         unet, vae = UNetModel(**unet_cfg), AutoencoderKL(**vae_cfg)
