@@ -103,3 +103,9 @@ def test_negative_prompt_ignored_at_guidance_one(pipe, caplog):
     with caplog.at_level(logging.WARNING):
         pipe("a", negative_prompt="b", steps=1, height=H, width=W, seed=0, output="latent", progress=False)
     assert "negative_prompt is ignored" in caplog.text
+
+
+def test_non_finite_decode_names_the_fix(pipe, monkeypatch):
+    monkeypatch.setattr(pipe.vae, "decode", lambda z: torch.full((z.shape[0], 3, H, W), float("nan")))
+    with pytest.raises(FloatingPointError, match="keep the VAE in fp32"):
+        pipe("a", steps=1, height=H, width=W, seed=0, output="tensor", progress=False)
