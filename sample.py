@@ -24,7 +24,7 @@ def build_pipeline(cfg: DictConfig):
                                     dtype=getattr(torch, cfg.model.dtype),
                                     prediction_type=cfg.model.prediction_type)
     for item in cfg.lora or []:
-        spec = {"path": item} if isinstance(item, str) else OmegaConf.to_container(item)
+        spec = {"path": item} if isinstance(item, str) else OmegaConf.to_container(item, resolve=True)
         if "path" not in spec:
             raise ValueError(f"lora entries need a path, got {spec}")
         name = pipe.load_lora(spec["path"], name=spec.get("name"), scale=float(spec.get("scale", 1.0)))
@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> list[str]:
                 params = dict(prompt=p, negative_prompt=cfg.negative_prompt, solver=solver,
                               steps=steps, guidance_scale=s, seed=int(cfg.seed) + i,
                               size=f"{img.width}x{img.height}", model=os.path.basename(cfg.model.path),
-                              lora=OmegaConf.to_container(cfg.lora) if cfg.lora else None)
+                              lora=OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora else None)
                 path = free_path(cfg.out_dir, f"{solver}-{steps}steps-seed{int(cfg.seed) + i}")
                 save_png(img, path, params)
                 written.append(path)
