@@ -87,3 +87,43 @@ def test_sd15_size_pipeline_matches_diffusers(sd15_full, solver, steps, s):
                  guidance_scale=s, height=256, width=256, latents=x_T.clone(),
                  generator=torch.Generator().manual_seed(2), output_type="latent").images
     assert (ours - theirs).abs().max() <= 1e-3 * max(1.0, theirs.abs().max().item())
+
+
+def test_sdxl_base_fp16_file_loads_and_unet_matches(tmp_path):
+    """SDXL-base size: the reference runs first and is freed (two fp32 SDXL UNets exceed 24 GiB)."""
+    import gc
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lcm.conditioning import sdxl_vector
+    from tests.oracle import tiny_vae
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816)
+    fp16_roundtrip_(randomize_(unet, seed=0, std=0.02))
+    x, t = torch.randn(1, 4, 32, 32), torch.tensor([500])
+    ctx, pooled = torch.randn(1, 77, 2048), torch.randn(1, 1280)
+    time_ids = torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]])
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=ctx,
+                   added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                       num_attention_heads=12, hidden_act="quick_gelu"))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                     num_hidden_layers=32, num_attention_heads=20,
+                                                     hidden_act="gelu", projection_dim=1280))
+    path = str(tmp_path / "sdxl.safetensors")
+    write_original(path, "sdxl", unet.half(), tiny_vae().half(), [te1.half(), te2.half()])
+    del unet, te1, te2
+    gc.collect()
+    pipe = Pipeline.from_checkpoint(path)
+    assert pipe.family == "sdxl" and pipe.vae_scale == 0.13025
+    with torch.no_grad():
+        ours = pipe.unet(x, t, ctx, y=sdxl_vector(pooled, (256, 256), (0, 0), (256, 256)))
+    assert (ours - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
