@@ -1,7 +1,6 @@
 """Text -> image: the public Pipeline (DESIGN.md). Builds from one original-layout checkpoint,
 stacks LoRAs by task arithmetic (LCM-LoRA report Eqs. 2-3) and samples with LCM, DDIM or
 DPM-Solver(++) through the model-agnostic solvers."""
-import json
 import logging
 import os
 
@@ -65,9 +64,7 @@ class Pipeline:
         spec = ConsistencySpec.from_metadata(meta) if "lcm.spec" in meta else None
         if vae_dtype is None:                 # SDXL's VAE overflows in fp16: keep VAEs in fp32
             vae_dtype = torch.float32
-        saved = json.loads(meta["lcm.config"]) if "lcm.config" in meta else {}
-        config = {**c.config, **{k: v for k, v in saved.items() if k in ("default_size", "text_family")}}
-        pipe = cls(c.unet, c.vae.to(vae_dtype), c.text, c.family, pred, spec=spec, config=config,
+        pipe = cls(c.unet, c.vae.to(vae_dtype), c.text, c.family, pred, spec=spec, config=c.config,
                    device=device, dtype=dtype)
         return pipe.to(device)
 

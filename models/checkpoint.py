@@ -213,5 +213,6 @@ def build_components(sd: dict, metadata: dict, dtype: torch.dtype = torch.float3
     load_strict(vae, vae_sd, "VAE", family)
     text = build_text_conditioner(saved["text_family"] if saved else family, sd,
                                   dtype=torch.float32, **({"config": saved["text"]} if saved else {}))
-    config = {"family": family, "unet": unet_cfg, "vae": vae_cfg}
+    config = {"family": family, "unet": unet_cfg, "vae": vae_cfg,
+              **{k: saved[k] for k in ("default_size", "text_family", "prediction_type") if k in (saved or {})}}
     return Components(unet.to(dtype), vae, text.to(dtype), family, config, metadata)
