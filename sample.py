@@ -29,6 +29,8 @@ def build_pipeline(cfg: DictConfig):
             raise ValueError(f"lora entries need a path, got {spec}")
         name = pipe.load_lora(spec["path"], name=spec.get("name"), scale=float(spec.get("scale", 1.0)))
         log.info("loaded LoRA %s as %r (scale %s)", spec["path"], name, spec.get("scale", 1.0))
+    if cfg.get("compile", False):
+        pipe.compile()
     return pipe
 
 

@@ -1,6 +1,7 @@
-"""One LCM-LoRA distillation step at SD1.5 size: ours vs diffusers UNet2DConditionModel + peft LoRA.
+"""One LCM-LoRA distillation step at SD1.5 (or SDXL) size: ours vs diffusers UNet2DConditionModel + peft.
 
     nice python benchmarks/train_step.py --threads 1 --steps 3 --repeat 2
+    python benchmarks/train_step.py --family sdxl --device cuda --dtype bf16 --side 128   # GPU memory
 
 The step of Algorithm 1 with one UNet in memory: student (LoRA) forward + backward at t_{n+k},
 teacher = the same UNet with adapters disabled (cond + uncond, guided DDIM step), target = the
@@ -8,6 +9,8 @@ LoRA UNet under no_grad at t_n, pseudo-Huber loss, grad clip 1.0, AdamW step. Ra
 the 14 LCM-LoRA module kinds, batch 1, fp32, CPU; latents and text embeddings are given (cached).
 Each implementation runs in its own subprocess so that its peak RSS (VmHWM, reset after the
 model is built) is its own. Prints median step seconds, peak RSS and ours / diffusers ratios.
+On CUDA the memory is torch.cuda.max_memory_allocated; --dtype bf16 keeps the frozen base in bf16
+and the LoRA weights in fp32 under autocast (as the diffusers LCM-LoRA scripts do).
 """
 import argparse
 import json
@@ -25,6 +28,15 @@ SD15 = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
             attention_head_dim=8, sample_size=64)
+SDXL = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+CONFIGS = {"sd15": SD15, "sdxl": SDXL}
+CONTEXT_DIM = {"sd15": 768, "sdxl": 2048}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                      "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                      "time_emb_proj"]          # the diffusers LCM-LoRA scripts' list (PAPER Sec. 5)
@@ -48,22 +60,27 @@ def ours_step(args):
     from models.lora import adapters_disabled, inject_lora
     from models.unet import UNET_PRESETS, UNetModel
     from solvers.schedule import Schedule
-    unet = UNetModel(**UNET_PRESETS["sd15"]).requires_grad_(False)
-    params = inject_lora(unet, "lcm", rank=64, alpha=64, dtype=torch.float32)
+    with torch.device(args.device):
+        unet = UNetModel(**UNET_PRESETS[args.family]).requires_grad_(False).to(DTYPES[args.dtype])
+    params = inject_lora(unet, "lcm", rank=64, alpha=64, dtype=torch.float32)   # trainables in fp32
     for p in params:
         p.requires_grad_(True)
     unet.set_gradient_checkpointing(args.gc)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     schedule = Schedule.make()
-    net = lambda x, t, c, w: unet(x, t, c.context)
+    amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def net(x, t, c, w):
+        with amp:
+            return unet(x, t, c.context, y=c.y).float()
 
     def teacher(*a):
         with adapters_disabled(unet):
             return net(*a)
     estimate = teacher_ddim_estimate(teacher, schedule, "epsilon")
 
-    def step(z, ctx, uctx, i):
-        loss, _ = lcd_loss(net, net, estimate, z, UNetCond(ctx), UNetCond(uctx), schedule,
+    def step(z, ctx, uctx, y, i):
+        loss, _ = lcd_loss(net, net, estimate, z, UNetCond(ctx, y), UNetCond(uctx, y), schedule,
                            torch.Generator().manual_seed(i), k=K, w_min=W_MIN, w_max=W_MAX, loss="huber",
                            huber_c=HUBER_C)
         loss.mean().backward()
@@ -79,8 +96,12 @@ def ours_step(args):
 def diffusers_step(args):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
-    unet = UNet2DConditionModel(**SD15).requires_grad_(False)
+    with torch.device(args.device):
+        unet = UNet2DConditionModel(**CONFIGS[args.family]).requires_grad_(False).to(DTYPES[args.dtype])
     unet.add_adapter(LoraConfig(r=64, lora_alpha=64, target_modules=DIFFUSERS_TARGETS, lora_dropout=0.0))
+    for p in unet.parameters():                           # cast_training_params: trainables in fp32
+        if p.requires_grad:
+            p.data = p.data.float()
     if args.gc:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -98,28 +119,37 @@ def diffusers_step(args):
     def col(v):
         return v.reshape(-1, 1, 1, 1)
 
-    def step(z, ctx, uctx, i):
+    amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    a, s = a.to(args.device), s.to(args.device)
+
+    def step(z, ctx, uctx, y, i):
         g = torch.Generator().manual_seed(i)
         B = z.shape[0]
         start = grid[torch.randint(0, len(grid), (B,), generator=g)]
-        w = W_MIN + (W_MAX - W_MIN) * torch.rand(B, generator=g)
-        noise = torch.randn(z.shape, generator=g)
+        w = (W_MIN + (W_MAX - W_MIN) * torch.rand(B, generator=g)).to(z.device)
+        noise = torch.randn(z.shape, generator=g).to(z.device)
         t = (start - K).clamp(min=0)
+        added = None if y is None else {"text_embeds": y[:, :1280], "time_ids": y[:, 1280:1286]}
+        start, t = start.to(z.device), t.to(z.device)
+
+        def unet_(*a, **kw):
+            with amp:
+                return unet(*a, added_cond_kwargs=added, **kw).sample.float()
         cs0, co0 = scalings(start)
         cs, co = scalings(t)
         x = col(a[start]) * z + col(s[start]) * noise
-        eps = unet(x, start, encoder_hidden_states=ctx).sample
+        eps = unet_(x, start, encoder_hidden_states=ctx)
         model_pred = col(cs0) * x + col(co0) * (x - col(s[start]) * eps) / col(a[start])
         with torch.no_grad():
             unet.disable_adapters()
-            ec = unet(x, start, encoder_hidden_states=ctx).sample
-            eu = unet(x, start, encoder_hidden_states=uctx).sample
+            ec = unet_(x, start, encoder_hidden_states=ctx)
+            eu = unet_(x, start, encoder_hidden_states=uctx)
             x0c, x0u = ((x - col(s[start]) * e) / col(a[start]) for e in (ec, eu))
             x0 = x0c + col(w) * (x0c - x0u)
             e = ec + col(w) * (ec - eu)
             x_prev = col(a[t]) * x0 + col(s[t]) * e                   # DDIMSolver.ddim_step
             unet.enable_adapters()
-            et = unet(x_prev, t, encoder_hidden_states=ctx).sample
+            et = unet_(x_prev, t, encoder_hidden_states=ctx)
             target = col(cs) * x_prev + col(co) * (x_prev - col(s[t]) * et) / col(a[t])
         loss = torch.mean(torch.sqrt((model_pred.float() - target.float()) ** 2 + HUBER_C**2) - HUBER_C)
         loss.backward()
@@ -130,59 +160,90 @@ def diffusers_step(args):
 
 #----------------------------------------------------------------------------
 
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     step = (ours_step if args.impl == "ours" else diffusers_step)(args)
     g = torch.Generator().manual_seed(1)
-    z = torch.randn(1, 4, args.side, args.side, generator=g)
-    ctx, uctx = torch.randn(1, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g)
-    base = rss_mb("VmRSS:")
-    reset_peak_rss()
+    B, D = args.batch, CONTEXT_DIM[args.family]
+    z = torch.randn(B, 4, args.side, args.side, generator=g).to(args.device)
+    ctx, uctx = (torch.randn(B, 77, D, generator=g).to(args.device) for _ in range(2))
+    y = None
+    if args.family == "sdxl":                             # pooled text (1280) + 6 size ids
+        ids = torch.tensor([[8.0 * args.side] * 2 + [0.0, 0.0] + [8.0 * args.side] * 2]).expand(B, -1)
+        y = torch.cat([torch.randn(B, 1280, generator=g), ids, torch.zeros(B, 2816 - 1286)], 1).to(args.device)
+    cuda = args.device == "cuda"
+    base = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb("VmRSS:")
+    torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()
     times = []
     for i in range(args.warmup + args.steps):
+        sync(args.device)
         t0 = time.perf_counter()
-        step(z, ctx, uctx, i)
+        step(z, ctx, uctx, y, i)
+        sync(args.device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM:")
     print(json.dumps(dict(impl=args.impl, median_s=statistics.median(times), times=times, base_rss_mb=base,
-                          peak_rss_mb=rss_mb("VmHWM:"), threads=torch.get_num_threads())))
+                          peak_rss_mb=peak, threads=torch.get_num_threads())))
 
 
-def main():
+def run(args) -> dict:
+    """Both implementations in alternating subprocesses; medians per implementation."""
+    runs = {"ours": [], "diffusers": []}
+    flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--side", str(args.side), "--threads",
+             str(args.threads), "--family", args.family, "--device", args.device, "--dtype", args.dtype,
+             "--batch", str(args.batch)] + (["--gc"] if args.gc else [])
+    for _ in range(args.repeat):                          # alternate: machine load hits both alike
+        for impl in runs:                                 # separate processes: separate peak memory
+            out = subprocess.run([sys.executable, __file__, "--impl", impl, *flags], capture_output=True,
+                                 text=True, check=False)
+            if out.returncode:
+                sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
+            runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {impl: dict(impl=impl, times=[t for r in rs for t in r["times"]], threads=rs[0]["threads"],
+                       median_s=statistics.median([t for r in rs for t in r["times"]]),
+                       peak_rss_mb=statistics.median([r["peak_rss_mb"] for r in rs]),
+                       base_rss_mb=statistics.median([r["base_rss_mb"] for r in rs])) for impl, rs in runs.items()}
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocates Adam state)")
     ap.add_argument("--side", type=int, default=32, help="latent side (32 = 256px images)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--family", choices=list(CONFIGS), default="sd15")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="frozen base weights' dtype")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing in both")
     ap.add_argument("--repeat", type=int, default=2, help="alternate the two subprocesses this many times")
     ap.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = parser().parse_args()
     if args.impl:
         return child(args)
-    runs = {"ours": [], "diffusers": []}
-    for _ in range(args.repeat):                          # alternate: machine load hits both alike
-        for impl in runs:                                 # separate processes: separate peak RSS
-            cmd = [sys.executable, __file__, "--impl", impl, "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--side", str(args.side), "--threads", str(args.threads)] + (["--gc"] if args.gc else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if out.returncode:
-                sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
-            runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    res = {impl: dict(impl=impl, times=[t for r in rs for t in r["times"]], threads=rs[0]["threads"],
-                      median_s=statistics.median([t for r in rs for t in r["times"]]),
-                      peak_rss_mb=statistics.median([r["peak_rss_mb"] for r in rs]),
-                      base_rss_mb=statistics.median([r["base_rss_mb"] for r in rs])) for impl, rs in runs.items()}
+    res = run(args)
     o, d = res["ours"], res["diffusers"]
-    print(f"torch {torch.__version__}, {o['threads']} threads, SD1.5 UNet, latent {args.side}x{args.side}, "
-          f"batch 1, fp32, LoRA r64, gradient checkpointing {'on' if args.gc else 'off'}")
+    mem = "peak allocated" if args.device == "cuda" else "peak RSS"
+    print(f"torch {torch.__version__}, {o['threads']} threads, {args.family} UNet, latent {args.side}x{args.side}, "
+          f"batch {args.batch}, {args.device}, base {args.dtype}, LoRA r64, gradient checkpointing "
+          f"{'on' if args.gc else 'off'}")
     for r in (o, d):
-        print(f"{r['impl']:>9}: step {r['median_s']:.2f} s (median of {len(r['times'])}), peak RSS "
+        print(f"{r['impl']:>9}: step {r['median_s']:.2f} s (median of {len(r['times'])}), {mem} "
               f"{r['peak_rss_mb']:.0f} MB (model built: {r['base_rss_mb']:.0f} MB, step adds "
               f"{r['peak_rss_mb'] - r['base_rss_mb']:.0f} MB)")
-    print(f"ratio ours/diffusers: time {o['median_s'] / d['median_s']:.3f}, peak RSS "
+    print(f"ratio ours/diffusers: time {o['median_s'] / d['median_s']:.3f}, {mem} "
           f"{o['peak_rss_mb'] / d['peak_rss_mb']:.3f}, step's extra memory "
           f"{(o['peak_rss_mb'] - o['base_rss_mb']) / (d['peak_rss_mb'] - d['base_rss_mb']):.3f}")
 

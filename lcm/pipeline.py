@@ -68,6 +68,15 @@ class Pipeline:
                    device=device, dtype=dtype)
         return pipe.to(device)
 
+    def compile(self, mode: str | None = None, vae: bool = True) -> "Pipeline":
+        """torch.compile the UNet (and the VAE decoder) in place: keys, LoRA calls and fusing work as
+        before. The first call at a new shape/batch/LoRA set compiles (slow); later calls are fast.
+        Needs a C++ compiler on CPU. mode: None | "reduce-overhead" | "max-autotune"."""
+        self.unet.compile(mode=mode, dynamic=False)
+        if vae:
+            self.vae.decoder.compile(mode=mode, dynamic=False)
+        return self
+
     def to(self, device) -> "Pipeline":
         self.device = torch.device(device)
         for m in (self.unet, self.vae, self.text):

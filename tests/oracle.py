@@ -69,8 +69,8 @@ def tiny_clip(width: int, act: str, projection: int | None = None, layers: int =
     return randomize_(model, seed, std=0.02)
 
 
-def write_original(path: str, family: str, unet, vae, text_encoders: list, metadata=None) -> None:
-    """Save diffusers/transformers modules as one original-layout checkpoint (released key layout)."""
+def original_state_dict(family: str, unet, vae, text_encoders: list) -> dict:
+    """diffusers/transformers modules -> one original-layout state dict (released key layout)."""
     sd = {f"model.diffusion_model.{k}": v for k, v in
           unet_state_dict_diffusers_to_ldm(unet.state_dict(), unet.config.layers_per_block).items()}
     sd |= {f"first_stage_model.{k}": v for k, v in vae_state_dict_diffusers_to_ldm(vae.state_dict()).items()}
@@ -82,4 +82,10 @@ def write_original(path: str, family: str, unet, vae, text_encoders: list, metad
     else:
         sd |= {f"conditioner.embedders.0.transformer.{k}": v for k, v in hf[0].items()}
         sd |= {f"conditioner.embedders.1.model.{k}": v for k, v in clip_state_dict_hf_to_open_clip(hf[1]).items()}
+    return sd
+
+
+def write_original(path: str, family: str, unet, vae, text_encoders: list, metadata=None) -> None:
+    """Save diffusers/transformers modules as one original-layout checkpoint (released key layout)."""
+    sd = original_state_dict(family, unet, vae, text_encoders)
     save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata=metadata)
