@@ -65,6 +65,9 @@ def ours_step(args):
     params = inject_lora(unet, "lcm", rank=64, alpha=64, dtype=torch.float32)   # trainables in fp32
     for p in params:
         p.requires_grad_(True)
+    if args.frozen_storage != "none":                     # train.frozen_storage: exact for an fp16 file
+        from models.storage import store_frozen
+        store_frozen(unet, torch.float16 if args.frozen_storage == "fp16" else torch.bfloat16)
     unet.set_gradient_checkpointing(args.gc)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     schedule = Schedule.make()
@@ -199,7 +202,7 @@ def run(args) -> dict:
     runs = {"ours": [], "diffusers": []}
     flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--side", str(args.side), "--threads",
              str(args.threads), "--family", args.family, "--device", args.device, "--dtype", args.dtype,
-             "--batch", str(args.batch)] + (["--gc"] if args.gc else [])
+             "--batch", str(args.batch), "--frozen-storage", args.frozen_storage] + (["--gc"] if args.gc else [])
     for _ in range(args.repeat):                          # alternate: machine load hits both alike
         for impl in runs:                                 # separate processes: separate peak memory
             out = subprocess.run([sys.executable, __file__, "--impl", impl, *flags], capture_output=True,
@@ -224,6 +227,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="frozen base weights' dtype")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing in both")
+    ap.add_argument("--frozen-storage", choices=["none", "fp16", "bf16"], default="none",
+                    help="ours only: train.frozen_storage (frozen weights stored so, computed in --dtype)")
     ap.add_argument("--repeat", type=int, default=2, help="alternate the two subprocesses this many times")
     ap.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     return ap
@@ -238,7 +243,7 @@ def main():
     mem = "peak allocated" if args.device == "cuda" else "peak RSS"
     print(f"torch {torch.__version__}, {o['threads']} threads, {args.family} UNet, latent {args.side}x{args.side}, "
           f"batch {args.batch}, {args.device}, base {args.dtype}, LoRA r64, gradient checkpointing "
-          f"{'on' if args.gc else 'off'}")
+          f"{'on' if args.gc else 'off'}, ours' frozen storage {args.frozen_storage}")
     for r in (o, d):
         print(f"{r['impl']:>9}: step {r['median_s']:.2f} s (median of {len(r['times'])}), {mem} "
               f"{r['peak_rss_mb']:.0f} MB (model built: {r['base_rss_mb']:.0f} MB, step adds "

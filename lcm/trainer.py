@@ -27,6 +27,7 @@ from lcm.consistency import ConsistencySpec
 from lcm.data import LatentEncoder, hash_seed, make_loader
 from models import lora as lora_lib
 from models import lora_io
+from models.storage import store_frozen
 
 log = logging.getLogger(__name__)
 MODES = ("lcm_lora", "lcd", "lcf", "diffusion")
@@ -47,6 +48,7 @@ class TrainConfig:
     optimizer: str = "adamw"            # adamw | adamw8bit (bitsandbytes)
     mixed_precision: str = "no"         # no | bf16 | fp16: autocast; trainables stay fp32
     gradient_checkpointing: bool = False
+    frozen_storage: str | None = None   # null | float16 | bfloat16: frozen UNet weights kept so (models/storage.py)
     cache: bool = False                 # keep VAE moments + text embeddings per sample in memory
     vae_chunk: int = 0                  # encode images in chunks of this size (0: whole batch)
     k: int = 20                         # skipping step; grid t_j = j*k - 1 (num_ddim_timesteps = T/k)
@@ -207,6 +209,9 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
             m.to(dist.device)
     pipe.schedule = pipe.schedule.to(dist.device) if dist.device.type == "cuda" else pipe.schedule
     roles.student.train().set_gradient_checkpointing(cfg.gradient_checkpointing)
+    if cfg.frozen_storage:                                 # fp32/autocast compute, half the frozen memory
+        for m in {id(m): m for m in (roles.student, roles.teacher) if m is not None}.values():
+            store_frozen(m, getattr(torch, cfg.frozen_storage))
     student_call = roles.student
     if dist.world > 1:
         if cfg.train_text_encoder:
@@ -365,6 +370,8 @@ def check_config(cfg: TrainConfig, lora: LoRAConfig | None, pipe) -> None:
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             raise ValueError(f"train.{k} must be one of {', '.join(allowed)}, got {getattr(cfg, k)!r}")
+    if cfg.frozen_storage not in (None, "float16", "bfloat16"):
+        raise ValueError(f"train.frozen_storage must be null, float16 or bfloat16, got {cfg.frozen_storage!r}")
     if cfg.cache and cfg.train_text_encoder:
         raise ValueError("train.cache=true stores text embeddings, so it cannot be combined with "
                          "train.train_text_encoder=true")

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from models.storage import cast_weight
+
 GROUPS = 32                                # GroupNorm groups everywhere in SD (LDM `normalization`)
 GEMM_CONV_MAX_ROWS = 256                   # CPU: 3x3 convs with batch*H_out*W_out <= this run as one GEMM
 
@@ -34,8 +36,8 @@ class Conv2d(nn.Conv2d):
         if B * Ho * Wo > GEMM_CONV_MAX_ROWS:
             return super().forward(x)
         cols = F.unfold(x, 3, padding=self.padding, stride=self.stride)              # (B, C_in*9, Ho*Wo)
-        w = self.weight.view(Co, -1).expand(B, -1, -1)                                # (B, C_out, C_in*9)
-        out = torch.bmm(w, cols) if self.bias is None else torch.baddbmm(self.bias[:, None], w, cols)
+        w = cast_weight(self.weight, x.dtype).reshape(Co, -1).expand(B, -1, -1)       # (B, C_out, C_in*9)
+        out = torch.bmm(w, cols) if self.bias is None else torch.baddbmm(self.bias.to(x.dtype)[:, None], w, cols)
         return out.view(B, Co, Ho, Wo)
 
 #----------------------------------------------------------------------------

@@ -169,6 +169,24 @@ def test_bf16_autocast_keeps_trainables_fp32_across_resume(tmp_path):
                if k != "step")
 
 
+def test_fp16_frozen_storage_gives_the_fp32_run_on_an_fp16_model(tmp_path):
+    """train.frozen_storage=float16: half the frozen bytes, same LoRA (the weights are fp16 values)."""
+    pipes = [tiny_pipe(), tiny_pipe()]
+    for p in pipes:
+        with torch.no_grad():
+            for w in p.unet.parameters():
+                w.copy_(w.half().float())
+    train(pipes[0], data(), small(max_steps=3), str(tmp_path / "a"), LORA)
+    train(pipes[1], data(), small(max_steps=3, frozen_storage="float16"), str(tmp_path / "b"), LORA)
+    assert {p.dtype for n, p in pipes[1].unet.named_parameters() if n.endswith(".0.weight") and ".lora_" not in n
+            and p.dim() == 4} == {torch.float16}
+    pa, pb = lora_params(pipes[0]), lora_params(pipes[1])
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert any(pa[k].abs().max() > 0 for k in pa if ".lora_up." in k)                # it did train (B starts at 0)
+
+
 def test_lcf_starts_from_a_lora_file(tmp_path):
     first = train(tiny_pipe(), data(), small(max_steps=2), str(tmp_path / "a"), LORA)
     pipe = tiny_pipe()
