@@ -1,7 +1,8 @@
 """GPU table: LCM-LoRA 4-step text-to-image latency (SD1.5 512px, SDXL 1024px), bf16, torch.compile
 off/on, ours vs diffusers on the same random weights; LCM-LoRA training step memory at SDXL size.
 
-    python benchmarks/gpu.py                          # one CUDA GPU; ~5-8 min, prints one table
+    python benchmarks/gpu.py                          # one CUDA GPU, prints one table (aims at < 8 min;
+                                                      # not yet run on a GPU: none was available)
     python benchmarks/gpu.py --tiny --device cpu      # the same code on tiny models (CI smoke test)
 
 Latency = one prompt -> text encoding -> 4 LCM steps (guidance 1.0, fused rank-64 LoRA) -> VAE
@@ -166,8 +167,8 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
-            for compile_ in [False] + ([] if args.no_compile else [True]):
-                ours, ref, size = build(family, args.tiny, args.device, dtype, tmp)
+            ours, ref, size = build(family, args.tiny, args.device, dtype, tmp)
+            for compile_ in [False] + ([] if args.no_compile else [True]):     # eager first, then compiled
                 r = latency(ours, ref, size, args.steps, args.runs, args.device, compile_)
                 if dtype == torch.float32 and r["rel_diff"] > 1e-3:
                     sys.exit(f"{family}: the pipelines disagree (max rel diff {r['rel_diff']:.1e})")
@@ -176,9 +177,9 @@ def main():
                       f"diffusers {r['ref'] * 1e3:.0f} ms, ratio {r['ours'] / r['ref']:.3f} (first call "
                       f"{r['ours_first']:.1f} s / {r['ref_first']:.1f} s; latents rel diff {r['rel_diff']:.1e})",
                       flush=True)
-                del ours, ref
-                if args.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+            del ours, ref
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
     print("\n| model | size | compile | ours (ms / image) | diffusers (ms / image) | ratio | first call ours / diffusers (s) |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for family, size, c, r in rows:

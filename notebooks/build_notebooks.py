@@ -284,29 +284,19 @@ SOLVERS = [
     $$x_u = \alpha_u \mu + \frac{\mathrm{std}_u}{\mathrm{std}_t} (x_t - \alpha_t \mu), \qquad \mathrm{std}_t = \sqrt{\alpha_t^2 s_0^2 + \sigma_t^2}.$$
 
     So we know every solver's exact answer, and the exact consistency function
-    $f(x_t, t) = x_0^{\text{ODE}}$ (the flow to $t = 0$). These three lines are the test oracle of
-    `tests/test_solvers.py`; they are the only math written here.
+    $f(x_t, t) = x_0^{\text{ODE}}$ (the flow to $t = 0$). These three formulas live in
+    `solvers/gaussian.py` (three one-line methods), the test oracle of `tests/test_solvers.py`.
     """),
     code("""
+    from solvers.gaussian import GaussianData
     from solvers.schedule import Schedule
 
     S = Schedule.make()
     D = 16                                             # independent data dimensions
-    g = torch.Generator().manual_seed(0)
-    MU = torch.rand(D, generator=g, dtype=torch.float64) * 2 - 1
-    S0 = torch.rand(D, generator=g, dtype=torch.float64) * 2 + 0.1
-
-
-    def marginal_std(t):                               # std of p_t
-        return (S.alpha(t) ** 2 * S0**2 + S.sigma(t) ** 2).sqrt()
-
-
-    def gauss_eps(x, t):                               # eps_hat = sigma_t (x - alpha_t mu) / std_t^2
-        return S.sigma(t) * (x - S.alpha(t) * MU) / marginal_std(t) ** 2
-
-
-    def gauss_flow(x, t, u):                           # exact PF-ODE map x_t -> x_u
-        return S.alpha(u) * MU + marginal_std(u) / marginal_std(t) * (x - S.alpha(t) * MU)
+    gauss = GaussianData.random(D, S)
+    MU, marginal_std = gauss.mu, gauss.std             # std_t = sqrt(alpha_t^2 s0^2 + sigma_t^2)
+    gauss_eps = gauss.eps                              # eps_hat = sigma_t (x - alpha_t mu) / std_t^2
+    gauss_flow = gauss.flow                            # exact PF-ODE map x_t -> x_u
     """),
     md(r"""
     ## Error vs NFE along one trajectory

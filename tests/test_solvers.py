@@ -8,6 +8,7 @@ from lcm.consistency import ConsistencySpec
 from solvers.ddim import ddim_from_x0_eps, ddim_step, sample_ddim
 from solvers.dpm_solver import sample_dpm_solver, sample_dpmpp_2m
 from solvers.lcm import sample_lcm
+from solvers.gaussian import GaussianData
 from solvers.noise import randn
 from solvers.schedule import Schedule, lcm_timesteps, spaced_timesteps
 from solvers.wrappers import eps_to_x0, make_eps_fn, make_x0_fn
@@ -16,23 +17,20 @@ S = Schedule.make()
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 #----------------------------------------------------------------------------
-# Gaussian data x0 ~ N(mu, s0^2): E[x0 | x_t] in closed form, and the exact PF-ODE flow maps x_t to
-# x_u keeping (x - alpha mu) / sqrt(alpha^2 s0^2 + sigma^2) fixed.
+# Gaussian data x0 ~ N(mu, s0^2) (solvers/gaussian.py): the exact PF-ODE flow is known.
 
-G = torch.Generator().manual_seed(0)
-MU = torch.rand(64, generator=G, dtype=torch.float64) * 2 - 1
-S0 = torch.rand(64, generator=G, dtype=torch.float64) * 2.0 + 0.1
+GAUSS = GaussianData.random(64, S)
+MU, S0, gauss_eps, gauss_flow = GAUSS.mu, GAUSS.s0, GAUSS.eps, GAUSS.flow
 
 
-def gauss_eps(x, t):
-    a, s = S.alpha(t), S.sigma(t)
-    x0 = MU + a * S0**2 / (a**2 * S0**2 + s**2) * (x - a * MU)   # posterior mean
-    return (x - a * x0) / s
-
-
-def gauss_flow(x, t, u):
-    std = lambda v: (S.alpha(v) ** 2 * S0**2 + S.sigma(v) ** 2).sqrt()
-    return S.alpha(u) * MU + std(u) * (x - S.alpha(t) * MU) / std(t)
+def test_gaussian_eps_is_the_posterior_mean_form():
+    """eps_hat = (x - alpha E[x0 | x_t]) / sigma with the Gaussian posterior mean: the oracle itself."""
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for t in (0, 10, 500, 999):
+        a, s = S.alpha(t), S.sigma(t)
+        x0 = MU + a * S0**2 / (a**2 * S0**2 + s**2) * (x - a * MU)
+        torch.testing.assert_close(gauss_eps(x, t), (x - a * x0) / s, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gauss_flow(gauss_flow(x, 999, 300), 300, 999), x, rtol=1e-12, atol=1e-12)
 
 
 def _lambda_grid(n, t0=999, t1=3):
