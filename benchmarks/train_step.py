@@ -70,7 +70,7 @@ def ours_step(args):
         store_frozen(unet, torch.float16 if args.frozen_storage == "fp16" else torch.bfloat16)
     unet.set_gradient_checkpointing(args.gc)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    schedule = Schedule.make()
+    schedule = Schedule.make().to(args.device)
     amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def net(x, t, c, w):
