@@ -57,6 +57,7 @@ def reset_peak_rss() -> None:
 
 def ours_step(args):
     from lcm.distill import UNetCond, lcd_loss, teacher_ddim_estimate
+    from lcm.trainer import TrainConfig, make_optimizer
     from models.lora import adapters_disabled, inject_lora
     from models.unet import UNET_PRESETS, UNetModel
     from solvers.schedule import Schedule
@@ -69,7 +70,7 @@ def ours_step(args):
         from models.storage import store_frozen
         store_frozen(unet, torch.float16 if args.frozen_storage == "fp16" else torch.bfloat16)
     unet.set_gradient_checkpointing(args.gc)
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    opt = make_optimizer(params, TrainConfig(lr=1e-4, weight_decay=0.0))   # the trainer's (fused) AdamW
     schedule = Schedule.make().to(args.device)
     amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
