@@ -123,7 +123,8 @@ class Pipeline:
         return rep.name
 
     def lora_names(self) -> list[str]:
-        return lora_lib.lora_names(self.unet)
+        """Adapters loaded in the UNet or the text encoders (a text-only LoRA included)."""
+        return list(dict.fromkeys(lora_lib.lora_names(self.unet) + lora_lib.lora_names(self.text)))
 
     def set_lora_scales(self, scales: dict) -> None:
         """Set runtime scales by adapter name; a fused model is re-fused so outputs follow."""

@@ -109,3 +109,20 @@ def test_non_finite_decode_names_the_fix(pipe, monkeypatch):
     monkeypatch.setattr(pipe.vae, "decode", lambda z: torch.full((z.shape[0], 3, H, W), float("nan")))
     with pytest.raises(FloatingPointError, match="keep the VAE in fp32"):
         pipe("a", steps=1, height=H, width=W, seed=0, output="tensor", progress=False)
+
+
+def test_text_only_lora_is_listed_and_rescaled(sd15, tmp_path):
+    """A LoRA with text-encoder keys only: named by lora_names, scaled by set_lora_scales."""
+    from safetensors.torch import save_file
+    pipe = Pipeline.from_checkpoint(sd15[0])
+    g = torch.Generator().manual_seed(0)
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    path = str(tmp_path / "te.safetensors")
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 768, generator=g) * 0.1,
+               f"{key}.lora_up.weight": torch.randn(768, 4, generator=g) * 0.1, f"{key}.alpha": torch.tensor(4.0)}, path)
+    base = pipe.encode_prompt(["a cat"]).context
+    assert pipe.load_lora(path, name="te") == "te"
+    assert pipe.lora_names() == ["te"]
+    assert (pipe.encode_prompt(["a cat"]).context - base).abs().max() > 1e-4
+    pipe.set_lora_scales({"te": 0.0})
+    torch.testing.assert_close(pipe.encode_prompt(["a cat"]).context, base, rtol=0, atol=1e-6)
