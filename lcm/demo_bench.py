@@ -133,26 +133,36 @@ def markdown(res: dict, a) -> str:
     if "style" in res:
         lines += ["![LCM-LoRA 4 steps without / with the style LoRA](demo_style.png)", "",
                   "Left: LCM-LoRA alone, 4 steps; right: style LoRA (0.8) + LCM-LoRA (1.0), same prompts and seeds.", ""]
-    lines += ["## Reproduce the bundled weights", "", "```bash", *REPRODUCE, "```"]
+    lines += ["## Reproduce the bundled weights", "", "```bash",
+              *(r.replace("BENCH_ARGS", a.command.removeprefix("python -m lcm.demo_bench ")) for r in REPRODUCE), "```"]
     return "\n".join(lines) + "\n"
 
 
 REPRODUCE = [
     "export OMP_NUM_THREADS=1      # on a shared 2-core CPU, 2 OpenMP threads ran ~10x slower",
-    "python -m lcm.demo_vae --threads 1 --steps 1000 --full-steps 60 \\",
-    "    --out outputs/demo/vae_long.safetensors --base-out outputs/demo/base_init.safetensors",
-    "python train.py experiment=demo_teacher hydra.run.dir=outputs/demo/teacher      # 1300 steps",
+    "# 1. the VAE: crops then whole images, two decoder fine-tunes (first run, outputs/demo), then a",
+    "#    decoder fine-tune with lr decay and a whole-VAE fine-tune, both shape-weighted (outputs/demo2)",
+    "python -m lcm.demo_vae --threads 1 --steps 1000 --full-steps 60 --out outputs/demo/vae_long.safetensors --base-out ''",
     "python -m lcm.demo_vae --threads 1 --from-vae outputs/demo/vae_long.safetensors --decoder-steps 600 --full-steps 0 \\",
     "    --out outputs/demo/vae_dec.safetensors --base-out ''",
     "python -m lcm.demo_vae --threads 1 --from-vae outputs/demo/vae_dec.safetensors --decoder-steps 800 \\",
     "    --full-steps 150 --fg-weight 4 --decoder-seed 2 --out outputs/demo/vae_dec2.safetensors --base-out ''",
-    "python -m lcm.demo_vae --threads 1 --from-vae outputs/demo/vae_dec2.safetensors \\",
-    "    --replace-in outputs/demo/teacher/model.safetensors --base-out assets/demo_teacher.safetensors",
-    "python train.py experiment=demo_lcm_lora hydra.run.dir=outputs/demo/lcm_lora",
-    "cp outputs/demo/lcm_lora/lcm.safetensors assets/demo_lcm_lora.safetensors",
-    "python train.py experiment=demo_style hydra.run.dir=outputs/demo/style",
-    "cp outputs/demo/style/style.safetensors assets/demo_style_lora.safetensors",
-    "python -m lcm.demo_bench --threads 2 --n 128 --cfg 2 4 7.5 --cfg-n 64 --cfg-steps 25",
+    "python -m lcm.demo_vae --threads 1 --from-vae outputs/demo/vae_dec2.safetensors --decoder-steps 700 \\",
+    "    --full-steps 250 --fg-weight 4 --decoder-seed 3 --decay --out outputs/demo2/vae_dec3.safetensors --base-out ''",
+    "python -m lcm.demo_vae --threads 1 --from-vae outputs/demo2/vae_dec3.safetensors --decoder-steps 500 --encoder \\",
+    "    --full-steps 200 --fg-weight 4 --decoder-seed 4 --decay --out outputs/demo2/vae_enc4.safetensors --base-out ''",
+    "# 2. the text tower pretrained on the captions, and the untrained teacher file",
+    "python -m lcm.demo_text --threads 1 --steps 400 --out outputs/demo2/text.safetensors",
+    "python -m lcm.demo_vae --threads 1 --from-vae outputs/demo2/vae_enc4.safetensors \\",
+    "    --text outputs/demo2/text.safetensors --base-out outputs/demo2/base_init.safetensors",
+    "# 3. the teacher (exported = EMA), its LCM-LoRA and the style LoRA",
+    "python train.py experiment=demo_teacher hydra.run.dir=outputs/demo2/teacher",
+    "cp outputs/demo2/teacher/model.safetensors assets/demo_teacher.safetensors",
+    "python train.py experiment=demo_lcm_lora hydra.run.dir=outputs/demo2/lcm_lora",
+    "cp outputs/demo2/lcm_lora/lcm.safetensors assets/demo_lcm_lora.safetensors",
+    "python train.py experiment=demo_style hydra.run.dir=outputs/demo2/style",
+    "cp outputs/demo2/style/style.safetensors assets/demo_style_lora.safetensors",
+    "python -m lcm.demo_bench BENCH_ARGS",
 ]
 
 

@@ -1,25 +1,29 @@
 """The demo world's autoencoder: a tiny AutoencoderKL (64x64 -> 16x16x4) trained on demo images.
 
-    # 1. the VAE (random 32x32 crops, then whole images) and the untrained teacher file
-    python -m lcm.demo_vae --threads 1 --steps 1000 --full-steps 60 \
-        --out outputs/demo/vae_long.safetensors --base-out outputs/demo/base_init.safetensors
-    # 2. (after `python train.py experiment=demo_teacher`) the decoder alone, sharper colours
-    python -m lcm.demo_vae --threads 1 --from-vae outputs/demo/vae_long.safetensors --decoder-steps 600 \
-        --full-steps 0 --out outputs/demo/vae_dec.safetensors --base-out ""
-    python -m lcm.demo_vae --threads 1 --from-vae outputs/demo/vae_dec.safetensors --decoder-steps 800 \
-        --full-steps 150 --fg-weight 4 --decoder-seed 2 --out outputs/demo/vae_dec2.safetensors --base-out ""
-    # 3. the bundled teacher = the trained UNet with this decoder
-    python -m lcm.demo_vae --threads 1 --from-vae outputs/demo/vae_dec2.safetensors \
-        --replace-in outputs/demo/teacher/model.safetensors --base-out assets/demo_teacher.safetensors
+Full recipe of the bundled weights: docs/demo_results.md. In short:
+    # 1. the VAE: random 32x32 crops, then whole images; then shape-weighted fine-tunes of the
+    #    decoder (--decoder-steps) and of the whole VAE (--decoder-steps N --encoder)
+    python -m lcm.demo_vae --threads 1 --steps 1000 --full-steps 60 --out outputs/demo/vae_long.safetensors --base-out ""
+    python -m lcm.demo_vae --threads 1 --from-vae VAE --decoder-steps 700 --full-steps 250 --fg-weight 4 \
+        --decay [--encoder] --out NEW_VAE --base-out ""
+    # 2. the untrained teacher file: UNet init + this VAE + the caption-pretrained text tower
+    python -m lcm.demo_text --threads 1 --out outputs/demo2/text.safetensors
+    python -m lcm.demo_vae --threads 1 --from-vae NEW_VAE --text outputs/demo2/text.safetensors \
+        --base-out outputs/demo2/base_init.safetensors
+    # 3. python train.py experiment=demo_teacher (trains the UNet from that file)
+    # (--replace-in MODEL writes --base-out as MODEL with its VAE replaced, for decoder-only fine-tunes)
 
 Objective (LDM's first stage without the GAN and LPIPS terms, enough for flat shapes):
     L = |x - D(z)|_1 + |x - D(z)|_2^2 + beta * KL(q(z|x) || N(0, I)),   z ~ q(z|x), beta tiny
 After training, the latent scale is set as in LDM: scale_factor = 1 / std(z) over training images,
 so UNet-space latents have unit variance. `--base-out` also writes the untrained demo teacher (the
-UNet at its LDM init, this VAE, and a frozen random-init open_clip text tower) as an
+UNet at its LDM init, this VAE, and the text tower of --text, else a random-init one) as an
 original-layout single file: `python train.py experiment=demo_teacher` trains its UNet from there.
-The decoder fine-tuning keeps the encoder (so the teacher's latents stay valid) and weights the
-shape's pixels more: small shapes on large backgrounds otherwise lose their colour.
+The decoder fine-tuning keeps the encoder (so a teacher's latents stay valid) unless --encoder, and
+weights the shape's pixels more: small shapes on large backgrounds otherwise lose their colour
+(the first run's VAE, outputs/demo/vae_dec2, returned blue and cyan shapes as each other: 83%
+prompt accuracy of its reconstructions; after the decayed decoder and whole-VAE fine-tunes: 99.6%,
+`--from-vae VAE --eval 256`).
 Use --threads 1 on a shared CPU: 2 OpenMP threads on an oversubscribed CPU ran 10x slower here.
 """
 from __future__ import annotations
@@ -37,12 +41,15 @@ from models.vae import AutoencoderKL
 
 VAE_ARCH = dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, embed_dim=4)   # 4x down
 # The demo teacher (SD-architecture, tiny): UNet on 16x16x4 latents, one frozen text tower.
+# v-prediction (SD2's target): at high t the v loss weighs the x0 error ~1 where the eps loss weighs
+# it abar_t/(1 - abar_t) ~ 0.005, and only there is the background hidden from the UNet: an eps
+# teacher never learnt the background from the text (x0 at t=999 was the same for every background).
 TEACHER_ARCH = dict(
-    family="demo", text_family="sd21", default_size=64,
+    family="demo", text_family="sd21", default_size=64, prediction_type="v_prediction",
     unet=dict(in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1, channel_mult=[1, 2, 2],
               transformer_depth=[1, 1, 1], transformer_depth_middle=1, num_head_channels=32, context_dim=32,
               use_linear_in_transformer=True),
-    text=dict(towers=[dict(width=32, layers=1, heads=2, act="gelu", proj_dim=None, pad_token_id=0,
+    text=dict(towers=[dict(width=32, layers=2, heads=2, act="gelu", proj_dim=None, pad_token_id=0,
                            layer="last", final_norm=True)], pooled_from=None))
 
 #----------------------------------------------------------------------------
@@ -109,16 +116,22 @@ def train_vae(steps: int, batch: int = 16, lr: float = 1e-3, beta: float = 1e-6,
 
 def finetune_decoder(vae: AutoencoderKL, steps: int, batch: int = 16, lr: float = 1e-3, pool: int = 1024,
                      seed: int = 1, crop: int = 32, fg_weight: float = 8.0, log_every: int = 25,
-                     full_steps: int = 0) -> AutoencoderKL:
+                     full_steps: int = 0, decay: bool = False, encoder: bool = False,
+                     beta: float = 1e-6) -> AutoencoderKL:
     """Train the decoder alone on the frozen encoder's latents (so a teacher trained on those latents
-    stays valid), with the shape's pixels weighted (1 + fg_weight): the small shapes' colours."""
+    stays valid), with the shape's pixels weighted (1 + fg_weight): the small shapes' colours.
+    decay: lr falls linearly to 0 over the run (else constant). encoder: train the encoder too
+    (z ~ q(z|x) of the crop, + beta * KL; invalidates teachers trained on the old latents) and
+    re-set scale_factor = 1/std of the latent means."""
     data = image_pool(pool, seed)
     with torch.no_grad():
         mean = torch.cat([vae.encode(data[i:i + 128]).mean for i in range(0, pool, 128)])
     bg = data[:, :, :1, :1]                                            # corner pixel = background
     weight = 1.0 + fg_weight * ((data - bg).abs().sum(1, keepdim=True) > 0.15).float()
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=lr, weight_decay=0.0)
+    params = list(vae.parameters()) if encoder else list(vae.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps if decay else 1.0)
     vae.train()
     t0, f = time.time(), 4
     for step in range(steps):
@@ -128,15 +141,37 @@ def finetune_decoder(vae: AutoencoderKL, steps: int, batch: int = 16, lr: float 
         z = torch.stack([mean[k, :, i:i + c, j:j + c] for k, (i, j) in zip(idx.tolist(), off)])
         x = torch.stack([data[k, :, i * f:(i + c) * f, j * f:(j + c) * f] for k, (i, j) in zip(idx.tolist(), off)])
         w = torch.stack([weight[k, :, i * f:(i + c) * f, j * f:(j + c) * f] for k, (i, j) in zip(idx.tolist(), off)])
+        kl = 0.0
+        if encoder:                                                     # z ~ q(z|x) of the crop itself
+            post = vae.encode(x)
+            z = post.sample(g)
+            kl = beta * 0.5 * (post.mean.pow(2) + post.std.pow(2) - 1.0 - post.logvar).sum(dim=(1, 2, 3)).mean()
         err = vae.decode(z) - x
-        loss = (w * (err.abs() + err.pow(2))).mean() / w.mean()
+        loss = (w * (err.abs() + err.pow(2))).mean() / w.mean() + kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         if (step + 1) % log_every == 0 or step == 0:
             print(f"decoder step {step + 1}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
-    return vae.eval()
+    vae.eval()
+    if encoder:
+        with torch.no_grad():
+            std = torch.cat([vae.encode(data[i:i + 128]).mean for i in range(0, pool, 128)]).std()
+        vae.scale_factor = float(1.0 / std)
+        print(f"latent std {std:.4f} -> scale_factor {vae.scale_factor:.5f}", flush=True)
+    return vae
+
+
+@torch.no_grad()
+def reconstruction_accuracy(vae: AutoencoderKL, evaluator_path: str, n: int = 256, seed: int = 7) -> dict:
+    """The evaluator's prompt accuracy on D(mean of q(z|x)) of n real plain images: the VAE's cap."""
+    from lcm.demo_eval import DemoEvaluator
+    from lcm.demo_world import real_batch
+    x, attrs = real_batch(n, seed)
+    rec = torch.cat([vae.decode(vae.encode(xb).mean) for xb in x.split(64)])
+    return DemoEvaluator.load(evaluator_path).prompt_accuracy(rec, attrs)
 
 
 def vae_config(vae: AutoencoderKL) -> dict:
@@ -158,17 +193,22 @@ def load_vae(path: str) -> AutoencoderKL:
     return vae.eval()
 
 
-def save_base(vae: AutoencoderKL, path: str, seed: int = 0) -> None:
-    """The untrained demo teacher: UNet at LDM init, this VAE, random frozen text tower (seeded)."""
+def save_base(vae: AutoencoderKL, path: str, seed: int = 0, text_path: str | None = None) -> None:
+    """The untrained demo teacher: UNet at LDM init (seeded), this VAE, and the text tower of
+    text_path (lcm.demo_text, pretrained on captions), else a random-init one (seeded)."""
     from lcm.checkpointing import save_model_file
     from models.text import TextConditioner
     from models.unet import UNetModel
     torch.manual_seed(seed)
     unet, text = UNetModel(**TEACHER_ARCH["unet"]), TextConditioner(**TEACHER_ARCH["text"])
+    if text_path:
+        from lcm.demo_text import load_text
+        text = load_text(text_path)
+        assert text.config == TextConditioner(**TEACHER_ARCH["text"]).config, (text.config, TEACHER_ARCH["text"])
     config = dict(family="demo", text_family=TEACHER_ARCH["text_family"], unet=TEACHER_ARCH["unet"],
                   vae=vae_config(vae), default_size=TEACHER_ARCH["default_size"])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_model_file(path, unet, vae, text, config, {"prediction_type": "epsilon"})
+    save_model_file(path, unet, vae, text, config, {"prediction_type": TEACHER_ARCH["prediction_type"]})
 
 
 def replace_vae(model_path: str, vae: AutoencoderKL, out: str) -> None:
@@ -196,20 +236,27 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=32, help="train on random crops of this side first")
     ap.add_argument("--full-steps", type=int, default=20, help="last steps on whole images")
     ap.add_argument("--decoder-seed", type=int, default=1)
+    ap.add_argument("--encoder", action="store_true", help="decoder fine-tuning: train the encoder too")
+    ap.add_argument("--decay", action="store_true", help="decoder fine-tuning: lr decays linearly to 0")
     ap.add_argument("--fg-weight", type=float, default=8.0, help="decoder fine-tuning: extra weight on shape pixels")
     ap.add_argument("--replace-in", default=None,
                     help="write --base-out as this model file with its VAE replaced (e.g. the trained teacher)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--text", default=None, help="--base-out's text tower: this lcm.demo_text file (else random)")
     ap.add_argument("--from-vae", default=None, help="start from this VAE file instead of training one")
     ap.add_argument("--decoder-steps", type=int, default=0,
-                    help="with --from-vae: fine-tune the decoder alone this many steps, write --out")
+                    help="with --from-vae: fine-tune the decoder (with --encoder: the whole VAE) this many steps, write --out")
+    ap.add_argument("--eval", type=int, default=0,
+                    help="print the evaluator's prompt accuracy on this many reconstructed real images")
+    ap.add_argument("--evaluator", default="assets/demo_evaluator.safetensors")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.from_vae:
         vae = load_vae(a.from_vae)
         if a.decoder_steps:
-            vae = finetune_decoder(vae, a.decoder_steps, seed=a.decoder_seed, fg_weight=a.fg_weight,
-                                   full_steps=a.full_steps)
+            vae = finetune_decoder(vae, a.decoder_steps, lr=a.lr, seed=a.decoder_seed, fg_weight=a.fg_weight,
+                                   full_steps=a.full_steps, decay=a.decay,
+                                   encoder=a.encoder)
             save_vae(vae, a.out)
             print(a.out)
     else:
@@ -217,11 +264,13 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         save_vae(vae, a.out)
         print(a.out)
+    if a.eval:
+        print("reconstruction prompt accuracy:", json.dumps(reconstruction_accuracy(vae, a.evaluator, a.eval)))
     if a.base_out and a.replace_in:
         replace_vae(a.replace_in, vae, a.base_out)
         print(a.base_out)
     elif a.base_out:
-        save_base(vae, a.base_out)
+        save_base(vae, a.base_out, text_path=a.text)
         print(a.base_out)
 
 
