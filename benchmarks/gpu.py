@@ -13,6 +13,7 @@ Training memory: benchmarks/train_step.py at SDXL size (latent 128 = 1024px, bas
 autocast), each implementation in its own process, torch.cuda.max_memory_allocated.
 """
 import argparse
+import gzip
 import os
 import statistics
 import subprocess
@@ -25,7 +26,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from e2e import hf_tokenizer  # noqa: E402
 from train_step import SD15, SDXL  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -35,6 +35,17 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               hidden_act="quick_gelu")
 BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
             hidden_act="gelu", projection_dim=1280)
+
+
+def hf_tokenizer(**kw):
+    """transformers CLIPTokenizer built offline from open_clip's bundled BPE (same vocab/merges)."""
+    import transformers
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+    vocab = dict(SimpleTokenizer().encoder)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = vocab.pop("<start_of_text>"), vocab.pop("<end_of_text>")
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    return transformers.CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges],
+                                      model_max_length=77, **kw)
 
 
 def reference_modules(family: str, tiny: bool):
@@ -102,7 +113,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def latency(ours, ref, size: int, steps: int, runs: int, device: str, compile_: bool) -> dict:
+def latency(ours, ref, size: int, steps: int, runs: int, device: str, compile_: bool, warmup: int = 1) -> dict:
     """Median seconds per image of each pipeline (and first-call seconds: compile time)."""
     side = size // ours.latent_factor
     x_T = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1))
@@ -124,6 +135,8 @@ def latency(ours, ref, size: int, steps: int, runs: int, device: str, compile_: 
             fn()                                              # warm-up (compiles when compile_)
             sync(device)
             res[f"{name}_first"] = time.perf_counter() - t0
+            for _ in range(warmup - 1):
+                fn()
         a, b = run_ours("latent").float(), torch.as_tensor(run_ref("latent")).float().to(device)
         res["rel_diff"] = ((a - b).abs().max() / b.abs().max()).item()
         times = {"ours": [], "ref": []}

@@ -17,11 +17,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 
 from models.keymaps import unet_state_dict_diffusers_to_ldm  # noqa: E402
 from models.unet import UNetModel, infer_unet_config  # noqa: E402
-
-SD15 = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-            attention_head_dim=8, sample_size=64)
+from train_step import SD15  # noqa: E402  (the diffusers SD1.5 UNet config, one copy)
 
 
 def median_times(fns, warmup: int, runs: int) -> list:
