@@ -106,11 +106,9 @@ def train_vae(steps: int, batch: int = 16, lr: float = 1e-3, beta: float = 1e-6,
             print(f"step {step + 1}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
     vae.eval()
     with torch.no_grad():
-        z = torch.cat([vae.encode(data[i:i + 128]).mean for i in range(0, min(pool, 1024), 128)])
         mse = torch.cat([(vae.decode(vae.encode(data[i:i + 128]).mean) - data[i:i + 128]).pow(2).mean((1, 2, 3))
                          for i in range(0, 512, 128)]).mean()
-    vae.scale_factor = float(1.0 / z.std())
-    print(f"latent std {z.std():.4f} -> scale_factor {vae.scale_factor:.5f}; recon mse {mse:.5f}", flush=True)
+    set_scale_factor(vae, data[:1024], f"; recon mse {mse:.5f}")
     return vae
 
 
@@ -124,8 +122,7 @@ def finetune_decoder(vae: AutoencoderKL, steps: int, batch: int = 16, lr: float 
     (z ~ q(z|x) of the crop, + beta * KL; invalidates teachers trained on the old latents) and
     re-set scale_factor = 1/std of the latent means."""
     data = image_pool(pool, seed)
-    with torch.no_grad():
-        mean = torch.cat([vae.encode(data[i:i + 128]).mean for i in range(0, pool, 128)])
+    mean = latent_means(vae, data)
     bg = data[:, :, :1, :1]                                            # corner pixel = background
     weight = 1.0 + fg_weight * ((data - bg).abs().sum(1, keepdim=True) > 0.15).float()
     g = torch.Generator().manual_seed(seed)
@@ -157,11 +154,21 @@ def finetune_decoder(vae: AutoencoderKL, steps: int, batch: int = 16, lr: float 
             print(f"decoder step {step + 1}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
     vae.eval()
     if encoder:
-        with torch.no_grad():
-            std = torch.cat([vae.encode(data[i:i + 128]).mean for i in range(0, pool, 128)]).std()
-        vae.scale_factor = float(1.0 / std)
-        print(f"latent std {std:.4f} -> scale_factor {vae.scale_factor:.5f}", flush=True)
+        set_scale_factor(vae, data)
     return vae
+
+
+@torch.no_grad()
+def latent_means(vae: AutoencoderKL, x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """Means of q(z|x) (N,4,h,w) for images x (N,3,H,W), encoded in chunks."""
+    return torch.cat([vae.encode(x[i:i + chunk]).mean for i in range(0, len(x), chunk)])
+
+
+def set_scale_factor(vae: AutoencoderKL, x: torch.Tensor, extra: str = "") -> None:
+    """LDM's latent scale: scale_factor = 1 / std of the latent means of images x (unit-variance latents)."""
+    std = latent_means(vae, x).std()
+    vae.scale_factor = float(1.0 / std)
+    print(f"latent std {std:.4f} -> scale_factor {vae.scale_factor:.5f}{extra}", flush=True)
 
 
 @torch.no_grad()
