@@ -60,6 +60,7 @@ class TrainConfig:
     ema_decay: float | None = 0.95      # full-model target mu; LoRA modes use the student (mu = 0)
     w_embedding_dim: int = 256          # lcd: time_cond_proj input width
     p_uncond: float = 0.1               # diffusion: caption dropout (for CFG)
+    lora_scale: list | None = None      # diffusion LoRA: [lo, hi], the adapter's scale ~ U[lo, hi] per step
     train_text_encoder: bool = False    # diffusion from scratch: train the text towers too
     seed: int = 0
     num_workers: int = 0
@@ -284,6 +285,10 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
             batch = next(loader)
             skipped_samples += batch["skipped"]
             gens = step_generators(cfg.seed, step, dist.rank * B, B)
+            if cfg.lora_scale:                             # strength augmentation: lambda ~ U[lo, hi] this step
+                lo, hi = cfg.lora_scale
+                u = torch.rand((), generator=torch.Generator().manual_seed(hash_seed(cfg.seed, step, "scale")))
+                lora_lib.set_lora_scales(roles.student, {roles.lora_name: lo + (hi - lo) * u.item()})
             with torch.autocast(dist.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 z, cond, uncond = encoder(batch, gens)
                 per_sample, diag = mode_loss(cfg.mode, pipe, roles, student_call, z, cond, uncond, gens,
@@ -304,6 +309,8 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
                 log.warning("%s: step skipped (train.on_nan=skip)", msg)
                 nan_skipped, step = nan_skipped + 1, step + 1
                 continue
+            if cfg.lora_scale:                             # validation and export see lambda = 1
+                lora_lib.set_lora_scales(roles.student, {roles.lora_name: 1.0})
             scaler.step(optimizer)
             scaler.update()
             sched.step()
@@ -376,6 +383,10 @@ def check_config(cfg: TrainConfig, lora: LoRAConfig | None, pipe) -> None:
     if cfg.cache and cfg.train_text_encoder:
         raise ValueError("train.cache=true stores text embeddings, so it cannot be combined with "
                          "train.train_text_encoder=true")
+    if cfg.lora_scale is not None and (cfg.mode != "diffusion" or lora is None or len(cfg.lora_scale) != 2
+                                       or not 0 < cfg.lora_scale[0] <= cfg.lora_scale[1]):
+        raise ValueError(f"train.lora_scale={cfg.lora_scale}: a range [lo, hi] with 0 < lo <= hi, for "
+                         "train.mode=diffusion with a LoRA (e.g. a style LoRA); null for everything else")
     if not cfg.w_min <= cfg.w_max:
         raise ValueError(f"train.w_min={cfg.w_min} > train.w_max={cfg.w_max}")
     base = {p.dtype for p in pipe.unet.parameters()}

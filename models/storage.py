@@ -47,6 +47,8 @@ class _CastLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
         return grad @ cast_weight(weight, grad.dtype), None, None         # dL/dx = dL/dy W
 
 
@@ -61,6 +63,8 @@ class _CastConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:                         # e.g. conv_in on the noisy latent
+            return None, None, None, None, None, None, None
         gx = torch.nn.grad.conv2d_input(ctx.x_shape, cast_weight(weight, grad.dtype), grad, *ctx.conf)
         return gx, None, None, None, None, None, None
 

@@ -61,16 +61,19 @@ def test_lcm_lora_4_steps_keeps_accuracy(pipe):
 
 @needs(TEACHER, LCM, STYLE, EVALUATOR)
 def test_style_lora_composes_with_lcm_lora(pipe):
+    """Style 0.8 + LCM 1.0, 4 steps, 16 prompts: measured outlined 15/16, content 13/16; one image under."""
     prompts = fixed_prompt_set(16, seed=0)
     pipe.load_lora(str(LCM), name="lcm2")
     pipe.load_lora(str(STYLE), name="style2")
     ev = DemoEvaluator.load(str(EVALUATOR))
     try:
-        out = {}
+        style, content = {}, {}
         for s in (0.0, 0.8):
             pipe.set_lora_scales({"lcm2": 1.0, "style2": s})
             img = pipe(prompts, steps=4, guidance_scale=1.0, solver="lcm", seed=0, output="tensor", progress=False)
-            out[s] = ev.style_accuracy(img * 2 - 1, "outlined")
+            style[s] = ev.style_accuracy(img * 2 - 1, "outlined")
+            content[s] = ev.prompt_accuracy(img * 2 - 1, prompts)["overall"]
     finally:
         pipe.set_lora_scales({"lcm2": 0.0, "style2": 0.0})
-    assert out[0.8] > out[0.0] + 0.3, out                 # the style LoRA, not the prompt, draws outlines
+    assert style[0.0] <= 1 / 16, style                    # the style LoRA, not the prompt, draws outlines
+    assert style[0.8] >= 14 / 16 and content[0.8] >= 12 / 16, (style, content)

@@ -280,6 +280,25 @@ def test_lora_export_loads_into_the_pipeline(tmp_path):
     a, b = pipe(["a red circle"], **kw), fresh(["a red circle"], **kw)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
+def test_lora_scale_augmentation_draws_a_scale_per_step_and_exports_at_one(tmp_path):
+    from models.lora import lora_layers
+
+    def run(d):
+        pipe, seen = tiny_pipe(), []
+        pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(
+            {layer.lora_scale["lcm"] for _, layer in lora_layers(m)}))
+        train(pipe, data(), small(mode="diffusion", lora_scale=[0.5, 0.9]), str(tmp_path / d), LORA)
+        return pipe, seen
+    pipe, seen = run("a")
+    assert len(seen) == 4 and all(len(s) == 1 for s in seen), seen     # one scale, on every layer, per step
+    scales = [s.pop() for s in seen]
+    assert all(0.5 <= s <= 0.9 for s in scales) and len(set(scales)) == 4, scales
+    assert {layer.lora_scale["lcm"] for _, layer in lora_layers(pipe.unet)} == {1.0}   # export / sampling at 1
+    assert [s.pop() for s in run("b")[1]] == scales                    # drawn from the seed: resumable
+    for mode, rng in (("lcm_lora", [0.5, 1.0]), ("diffusion", [1.0, 0.5])):
+        with pytest.raises(ValueError, match="train.lora_scale"):
+            train(tiny_pipe(), data(), small(mode=mode, lora_scale=rng), str(tmp_path / "c"), LORA)
+
 #----------------------------------------------------------------------------
 # SDXL conditioning: zero unconditional branch, size/crop ids in y.
 
