@@ -13,7 +13,6 @@ Training memory: benchmarks/train_step.py at SDXL size (latent 128 = 1024px, bas
 autocast), each implementation in its own process, torch.cuda.max_memory_allocated.
 """
 import argparse
-import gzip
 import os
 import statistics
 import subprocess
@@ -35,17 +34,6 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               hidden_act="quick_gelu")
 BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
             hidden_act="gelu", projection_dim=1280)
-
-
-def hf_tokenizer(**kw):
-    """transformers CLIPTokenizer built offline from open_clip's bundled BPE (same vocab/merges)."""
-    import transformers
-    from open_clip.tokenizer import SimpleTokenizer, default_bpe
-    vocab = dict(SimpleTokenizer().encoder)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = vocab.pop("<start_of_text>"), vocab.pop("<end_of_text>")
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    return transformers.CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges],
-                                      model_max_length=77, **kw)
 
 
 def reference_modules(family: str, tiny: bool):
@@ -74,7 +62,7 @@ def build(family: str, tiny: bool, device: str, dtype: torch.dtype, tmp: str):
     from lcm.pipeline import Pipeline
     from models import checkpoint as ckpt
     from models.lora import inject_lora, lora_layers
-    from tests.oracle import original_state_dict
+    from tests.oracle import hf_tokenizer, original_state_dict
     unet, vae, tes, size = reference_modules(family, tiny)
     sd = {k: v.clone() for k, v in original_state_dict(family, unet, vae, tes).items()}
     c = ckpt.build_components(sd, {})

@@ -4,11 +4,24 @@ The oracle builds the same random model in the reference libraries; `write_origi
 with the project's own diffusers->LDM key maps as a single-file checkpoint, exactly as the
 released SD files are laid out, so `Pipeline.from_checkpoint` can load it.
 """
+import gzip
+
 import torch
 from safetensors.torch import save_file
 
 from models.keymaps import (clip_state_dict_hf_to_open_clip, unet_state_dict_diffusers_to_ldm,
                             vae_state_dict_diffusers_to_ldm)
+
+
+def hf_tokenizer(**kw):
+    """transformers CLIPTokenizer built offline from open_clip's bundled BPE (same vocab and merges)."""
+    import transformers
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+    vocab = dict(SimpleTokenizer().encoder)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = vocab.pop("<start_of_text>"), vocab.pop("<end_of_text>")
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    return transformers.CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges],
+                                      model_max_length=77, **kw)
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:

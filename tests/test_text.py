@@ -1,5 +1,4 @@
 """Text encoders and tokenization: parity with transformers' CLIP and open_clip's tokenizer (oracles)."""
-import gzip
 import warnings
 
 import open_clip
@@ -19,12 +18,9 @@ LONG = "a very long prompt about " + " ".join(f"cat number {i}," for i in range(
 
 @pytest.fixture(scope="module")
 def hf_tokenizer():
-    """HF CLIPTokenizer built offline from open_clip's bundled BPE file (same vocab and merges)."""
-    from open_clip.tokenizer import SimpleTokenizer, default_bpe
-    vocab = dict(SimpleTokenizer().encoder)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = vocab.pop("<start_of_text>"), vocab.pop("<end_of_text>")
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    tok = transformers.CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges])
+    """HF CLIPTokenizer built offline from open_clip's bundled BPE file (tests/oracle.py)."""
+    from tests.oracle import hf_tokenizer as build
+    tok = build()
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (SOT, EOT, EOT)
     return tok
 
