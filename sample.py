@@ -23,12 +23,7 @@ def build_pipeline(cfg: DictConfig):
     pipe = Pipeline.from_checkpoint(cfg.model.path, device=cfg.model.device,
                                     dtype=getattr(torch, cfg.model.dtype),
                                     prediction_type=cfg.model.prediction_type)
-    for item in cfg.lora or []:
-        spec = {"path": item} if isinstance(item, str) else OmegaConf.to_container(item, resolve=True)
-        if "path" not in spec:
-            raise ValueError(f"lora entries need a path, got {spec}")
-        name = pipe.load_lora(spec["path"], name=spec.get("name"), scale=float(spec.get("scale", 1.0)))
-        log.info("loaded LoRA %s as %r (scale %s)", spec["path"], name, spec.get("scale", 1.0))
+    pipe.load_loras(OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora else [])
     if cfg.get("compile", False):
         pipe.compile()
     return pipe

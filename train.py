@@ -36,23 +36,10 @@ def build_pipeline(model: dict):
             raise ValueError(f"model.path is not set, so the model is built from its architecture, but "
                              f"model.{missing[0]} is missing: set model.path=/path/to/model.safetensors "
                              "or give model.family/unet/vae/text (see conf/experiment/smoke.yaml)")
-        from models.text import TextConditioner
-        from models.unet import UNetModel
-        from models.vae import AutoencoderKL
-        torch.manual_seed(int(model.get("seed", 0)))
-        unet, vae, text = UNetModel(**model["unet"]), AutoencoderKL(**model["vae"]), TextConditioner(**model["text"])
-        if model.get("randomize"):                   # non-degenerate random teacher (LDM init zeroes outputs)
-            g = torch.Generator().manual_seed(int(model.get("seed", 0)))
-            with torch.no_grad():
-                for p in unet.parameters():
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
-        config = {k: model[k] for k in ARCH_KEYS if k in model and k != "randomize"}
-        config.setdefault("text_family", model["family"])
-        pipe = Pipeline(unet.to(dtype), vae, text.to(dtype), model["family"],
-                        model.get("prediction_type") or "epsilon", config=config, dtype=dtype)
-    for item in model.get("lora") or []:
-        spec = {"path": item} if isinstance(item, str) else dict(item)
-        pipe.load_lora(spec["path"], name=spec.get("name"), scale=float(spec.get("scale", 1.0)))
+        pipe = Pipeline.from_architecture(**{k: model[k] for k in ARCH_KEYS if k in model}, dtype=dtype,
+                                          prediction_type=model.get("prediction_type") or "epsilon",
+                                          seed=int(model.get("seed", 0)))
+    pipe.load_loras(model.get("lora"))
     for p in [*pipe.unet.parameters(), *pipe.vae.parameters(), *pipe.text.parameters()]:
         p.requires_grad_(False)
     return pipe

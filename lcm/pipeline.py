@@ -68,6 +68,37 @@ class Pipeline:
                    device=device, dtype=dtype)
         return pipe.to(device)
 
+    @classmethod
+    def from_architecture(cls, family: str, unet: dict, vae: dict, text: dict, prediction_type: str = "epsilon",
+                          dtype=torch.float32, seed: int = 0, randomize: bool = False, **config) -> "Pipeline":
+        """A freshly initialised model from the modules' kwargs (a from-scratch run such as the demo
+        teacher, or a tiny test model); the kwargs (and `config` extras such as default_size or
+        text_family) are kept in `pipe.config`, so a saved file rebuilds it. randomize: perturb every
+        UNet weight by 0.05 N(0, 1) (LDM's init zeroes output layers: a usable random teacher)."""
+        from models.text import TextConditioner
+        from models.unet import UNetModel
+        from models.vae import AutoencoderKL
+        torch.manual_seed(seed)
+        u, v, t = UNetModel(**unet), AutoencoderKL(**vae), TextConditioner(**text)
+        if randomize:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in u.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        config = dict(family=family, text_family=family, unet=unet, vae=vae, text=text) | config
+        return cls(u.to(dtype), v, t.to(dtype), family, prediction_type or "epsilon", config=config, dtype=dtype)
+
+    def load_loras(self, items) -> list[str]:
+        """Load a config's LoRA list in order: paths, or {path, name?, scale?} dicts; returns the names."""
+        names = []
+        for item in items or []:
+            spec = {"path": item} if isinstance(item, str) else dict(item)
+            if "path" not in spec:
+                raise ValueError(f"LoRA entries need a path, got {spec}")
+            names.append(self.load_lora(spec["path"], name=spec.get("name"), scale=float(spec.get("scale", 1.0))))
+            log.info("loaded LoRA %s as %r (scale %s)", spec["path"], names[-1], spec.get("scale", 1.0))
+        return names
+
     def compile(self, mode: str | None = None, vae: bool = True) -> "Pipeline":
         """torch.compile the UNet (and the VAE decoder) in place: keys, LoRA calls and fusing work as
         before. The first call at a new shape/batch/LoRA set compiles (slow); later calls are fast.
