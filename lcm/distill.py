@@ -192,12 +192,15 @@ class Roles:
     teacher_ctx: object                 # () -> context manager around teacher calls
     trainables: list                    # [(name, Parameter)], fp32
     lora_name: str | None
-    ema: bool
+    ema: bool                           # target is a separate EMA copy of a full model
+    target_ctx: object = contextlib.nullcontext    # () -> context manager around target calls
+    lora_ema: "AdapterEMA | None" = None           # LoRA modes with mu > 0: the EMA adapter
 
 
 def build_roles(pipe, mode: str, lora: LoRAConfig | None, ema_decay: float | None = None,
-                w_embedding_dim: int = 256, train_text_encoder: bool = False) -> Roles:
-    """The networks of `mode` on a Pipeline: inject the LoRA or copy the UNet; everything else frozen."""
+                w_embedding_dim: int = 256, train_text_encoder: bool = False, lora_ema: bool = False) -> Roles:
+    """The networks of `mode` on a Pipeline: inject the LoRA or copy the UNet; everything else frozen.
+    ema_decay: a full model's target; lora_ema: a LoRA's target is an EMA adapter (else the student)."""
     unet = pipe.unet
     if lora is not None:
         if mode == "lcd":
@@ -214,7 +217,10 @@ def build_roles(pipe, mode: str, lora: LoRAConfig | None, ema_decay: float | Non
             p.data = p.data.float()
             p.requires_grad_(True)
         teacher_ctx = lambda: lora_lib.adapters_disabled(unet)       # one UNet in memory
-        return Roles(unet, unet, unet, teacher_ctx, trainables, lora.name, False)
+        if not lora_ema:                                   # the reference: target = the student (mu = 0)
+            return Roles(unet, unet, unet, teacher_ctx, trainables, lora.name, False)
+        ema = AdapterEMA(unet, lora.name)                  # target = base + EMA of the LoRA (mu > 0)
+        return Roles(unet, unet, unet, teacher_ctx, trainables, lora.name, False, ema.active, ema)
     if mode == "lcm_lora":
         raise ValueError("mode=lcm_lora needs a LoRA (lora=lcm); use mode=lcd to distil a full LCM")
     teacher = None
@@ -253,6 +259,75 @@ def check_precision(roles: Roles, optimizer=None) -> None:
     assert not roles.ema or not any(p.requires_grad for p in roles.target.parameters()), "EMA must be frozen"
 
 
+class AdapterEMA:
+    """theta_minus of a LoRA run with mu > 0: an EMA copy of adapter `name`, kept as a second adapter
+    `<name>_ema` on the same layers at scale 0, so the student and the teacher never see it and the
+    target pass (`active`) swaps it in for the student's. One UNet in memory, 2x the LoRA."""
+
+    def __init__(self, model: nn.Module, name: str):
+        self.model, self.name, self.ema_name = model, name, f"{name}_ema"
+        self.layers = {n: m for n, m in lora_lib.lora_layers(model) if name in getattr(m, "lora_down", {})}
+        with torch.random.fork_rng(devices=[]):            # its init is overwritten: leave the RNG as it was
+            self._add()
+
+    def _add(self) -> None:
+        name = self.name
+        for m in self.layers.values():
+            r = m.lora_down[name].weight.shape[0]
+            for p, src in zip(m.add_adapter(self.ema_name, r, m.lora_alpha[name], 0.0, torch.float32, scale=0.0),
+                              (m.lora_down[name].weight, m.lora_up[name].weight)):
+                p.data.copy_(src.detach())
+                p.requires_grad_(False)
+
+    def _pairs(self) -> tuple[list, list]:
+        ema, online = [], []
+        for m in self.layers.values():
+            ema += [m.lora_down[self.ema_name].weight, m.lora_up[self.ema_name].weight]
+            online += [m.lora_down[self.name].weight.detach(), m.lora_up[self.name].weight.detach()]
+        return ema, online
+
+    @torch.no_grad()
+    def update(self, mu: float) -> None:
+        """theta_minus <- mu theta_minus + (1 - mu) theta, adapter weights only."""
+        ema, online = self._pairs()
+        torch._foreach_lerp_(ema, online, 1.0 - mu)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Inside: the model is base + EMA adapter (the student's adapter off, its scale kept)."""
+        m0 = next(iter(self.layers.values()))
+        old = {self.name: m0.lora_scale[self.name], self.ema_name: 0.0}
+        lora_lib.set_lora_scales(self.model, {self.name: 0.0, self.ema_name: old[self.name]})
+        try:
+            yield self.model
+        finally:
+            lora_lib.set_lora_scales(self.model, old)
+
+    @torch.no_grad()
+    def copy_to_student(self) -> None:
+        """End of training: the student adapter takes the EMA weights (what is exported)."""
+        ema, online = self._pairs()
+        torch._foreach_copy_([p for m in self.layers.values() for p in (m.lora_down[self.name].weight,
+                                                                          m.lora_up[self.name].weight)], ema)
+
+    def remove(self) -> None:
+        for m in self.layers.values():
+            m.remove_adapter(self.ema_name)
+
+    def state_dict(self) -> dict:
+        ema, _ = self._pairs()
+        keys = [f"{n}.{part}" for n in self.layers for part in ("down", "up")]
+        return {k: p.detach().clone() for k, p in zip(keys, ema)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        ema, _ = self._pairs()
+        keys = [f"{n}.{part}" for n in self.layers for part in ("down", "up")]
+        assert sorted(sd) == sorted(keys), "EMA adapter state does not match this LoRA"
+        with torch.no_grad():
+            for k, p in zip(keys, ema):
+                p.copy_(sd[k])
+
+
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, mu: float) -> None:
     """theta_minus <- mu theta_minus + (1 - mu) theta (Algorithm 1, last line)."""
@@ -289,6 +364,11 @@ def mode_loss(mode: str, pipe, roles: Roles, student_call: nn.Module, z, cond, u
             with roles.teacher_ctx():
                 return base(*a)
         estimate = teacher_ddim_estimate(teacher, pipe.schedule, pipe.prediction_type)
-    return lcd_loss(student, net_fn(roles.target, w_dim), estimate, z, cond, uncond, pipe.schedule, generator,
+    target_net = net_fn(roles.target, w_dim)
+
+    def target(*a):
+        with roles.target_ctx():
+            return target_net(*a)
+    return lcd_loss(student, target, estimate, z, cond, uncond, pipe.schedule, generator,
                     prediction_type=pipe.prediction_type, sigma_data=pipe.spec.sigma_data,
                     timestep_scaling=pipe.spec.timestep_scaling, **lcd_kw)

@@ -58,6 +58,7 @@ class TrainConfig:
     loss: str = "huber"                 # huber | l2
     huber_c: float = 1e-3
     ema_decay: float | None = 0.95      # full-model target mu; LoRA modes use the student (mu = 0)
+    lora_ema_decay: float | None = None # LoRA modes: target = an EMA of the LoRA with this mu (exported)
     w_embedding_dim: int = 256          # lcd: time_cond_proj input width
     p_uncond: float = 0.1               # diffusion: caption dropout (for CFG)
     lora_scale: list | None = None      # diffusion LoRA: [lo, hi], the adapter's scale ~ U[lo, hi] per step
@@ -140,7 +141,7 @@ def validate(pipe, roles: Roles, cfg: TrainConfig, prompts: list, size: int, tea
         return torch.cat([pipe(prompts, seed=int(s) * 1000, height=size, width=size, output="tensor",
                                progress=False, **kw) for s in cfg.val_seeds])
     rows = []
-    with using_unet(pipe, roles.target):                 # the EMA for full models, else the student
+    with using_unet(pipe, roles.target), roles.target_ctx():   # the EMA (full model or adapter), else the student
         if cfg.mode == "diffusion":
             rows.append((f"ddim {cfg.val_teacher_steps} s={cfg.val_teacher_guidance}",
                          grid(solver="ddim", steps=cfg.val_teacher_steps, guidance_scale=cfg.val_teacher_guidance)))
@@ -204,7 +205,8 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
             ck.make_readable(base)
     torch.manual_seed(cfg.seed)                            # LoRA A / w-projection init: equal on all ranks
     pipe.spec = ConsistencySpec(pipe.schedule.T // cfg.k, pipe.spec.sigma_data, pipe.spec.timestep_scaling)
-    roles = build_roles(pipe, cfg.mode, lora, cfg.ema_decay, cfg.w_embedding_dim, cfg.train_text_encoder)
+    roles = build_roles(pipe, cfg.mode, lora, cfg.ema_decay, cfg.w_embedding_dim, cfg.train_text_encoder,
+                        lora_ema=lora is not None and cfg.lora_ema_decay is not None and cfg.mode != "diffusion")
     pipe.to(dist.device)
     for m in (roles.student, roles.target, roles.teacher):
         if m is not None:
@@ -230,7 +232,7 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
 
     step, run_id = 0, None
-    ema = roles.target if roles.ema else None
+    ema = roles.target if roles.ema else roles.lora_ema    # what a checkpoint keeps besides the trainables
     if resume_path is not None:                             # trainables, optimizer, EMA, RNG, step, run id
         step, run_id = ck.restore_training_state(resume_path, roles.trainables, optimizer, sched, scaler, ema,
                                                  dist.rank, dist.world)
@@ -251,8 +253,9 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
         meta |= pipe.spec.to_metadata()
 
     def export(path):                                      # LoRA in the released kohya layout, or a full model
-        if roles.lora_name:
-            lora_io.save_lora(roles.student, path, roles.lora_name, "kohya", overwrite=True, metadata=meta)
+        if roles.lora_name:                                # (with an EMA target: the EMA adapter)
+            name = roles.lora_ema.ema_name if roles.lora_ema else roles.lora_name
+            lora_io.save_lora(roles.student, path, name, "kohya", overwrite=True, metadata=meta)
         else:
             ck.save_model_file(path, roles.target, pipe.vae, pipe.text, model_config(pipe, roles.target), meta)
     export_name = f"{roles.lora_name}.safetensors" if roles.lora_name else "model.safetensors"
@@ -317,6 +320,8 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
             optimizer.zero_grad(set_to_none=True)
             if roles.ema:                                  # theta_minus <- mu theta_minus + (1-mu) theta
                 ema_update(roles.target, roles.student, cfg.ema_decay)
+            elif roles.lora_ema:
+                roles.lora_ema.update(cfg.lora_ema_decay)
             step, seen = step + 1, seen + G
             loss_sum, n_loss = loss_sum + loss.detach(), n_loss + 1
 
@@ -363,6 +368,9 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
             export(tmp)
             ck.make_readable(tmp)
             os.replace(tmp, os.path.join(run_dir, export_name))
+        if status == "done" and roles.lora_ema:            # the pipeline keeps what was exported
+            roles.lora_ema.copy_to_student()
+            roles.lora_ema.remove()
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
@@ -387,6 +395,9 @@ def check_config(cfg: TrainConfig, lora: LoRAConfig | None, pipe) -> None:
                                        or not 0 < cfg.lora_scale[0] <= cfg.lora_scale[1]):
         raise ValueError(f"train.lora_scale={cfg.lora_scale}: a range [lo, hi] with 0 < lo <= hi, for "
                          "train.mode=diffusion with a LoRA (e.g. a style LoRA); null for everything else")
+    if cfg.lora_ema_decay is not None and (lora is None or cfg.mode == "diffusion" or not 0 <= cfg.lora_ema_decay < 1):
+        raise ValueError(f"train.lora_ema_decay={cfg.lora_ema_decay}: a mu in [0, 1) for LoRA distillation "
+                         "(mode=lcm_lora or lcf with a LoRA); null = the student is the target (the reference)")
     if not cfg.w_min <= cfg.w_max:
         raise ValueError(f"train.w_min={cfg.w_min} > train.w_max={cfg.w_max}")
     base = {p.dtype for p in pipe.unet.parameters()}

@@ -106,8 +106,10 @@ def _stored_class(cls: type) -> type:
 def store_frozen(model: nn.Module, dtype: torch.dtype) -> int:
     """Keep frozen Linear/Conv2d weights of `model` in `dtype` (in place); returns the bytes saved."""
     saved = 0
-    for m in model.modules():
+    for name, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or m.weight.requires_grad or m.weight.dtype == dtype:
+            continue
+        if ".lora_down." in name or ".lora_up." in name:         # adapters (a frozen EMA one too) stay
             continue
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             continue

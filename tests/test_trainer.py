@@ -146,6 +146,52 @@ def test_resume_is_bit_identical(tmp_path):
     assert steps == sorted(steps) == [1, 2, 3, 4]                  # the logged step never goes back
 
 
+def test_lora_ema_target_mu0_is_the_reference_and_mu_exports_the_average(tmp_path):
+    """train.lora_ema_decay: mu = 0 gives the reference run (target = the student); mu = 0.5
+    exports the EMA of the online LoRA over the steps, which the pipeline keeps; resume is exact."""
+    from safetensors.torch import load_file
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    ref, zero = tiny_pipe(), tiny_pipe()
+    out_ref = train(ref, data(), small(max_steps=3), str(tmp_path / "ref"), LORA)
+    out_zero = train(zero, data(), small(max_steps=3, lora_ema_decay=0.0), str(tmp_path / "zero"), LORA)
+    # (equal up to GEMM rounding: the EMA adapter's buffers differ from the student's)
+    loss = lambda out: torch.tensor([m["loss"] for m in metrics(out["run_dir"])])
+    torch.testing.assert_close(loss(out_zero), loss(out_ref), rtol=1e-5, atol=0)
+    fa, fb = load_file(out_ref["export"]), load_file(out_zero["export"])
+    assert fa.keys() == fb.keys()
+    torch.testing.assert_close(fb, fa, rtol=0, atol=1e-4)   # Adam steps are ~lr = 1e-3 per element
+
+    online = []                                      # the student's LoRA after every optimizer step
+    hook = register_optimizer_step_post_hook(lambda *_: online.append(lora_params(pipe)))
+    try:
+        pipe = tiny_pipe()
+        out = train(pipe, data(), small(max_steps=4, lora_ema_decay=0.5), str(tmp_path / "ema"), LORA)
+    finally:
+        hook.remove()
+    fresh = tiny_pipe()
+    torch.manual_seed(0)                             # the trainer's seeded LoRA init (train.seed = 0)
+    build_roles(fresh, "lcm_lora", LORA)
+    expected = {k: v for k, v in lora_params(fresh).items()}
+    for step in online:                              # theta_minus <- mu theta_minus + (1 - mu) theta
+        expected = {k: 0.5 * expected[k] + 0.5 * step[k] for k in expected}
+    got = lora_params(pipe)
+    assert got.keys() == expected.keys() and not any("_ema" in k for k in got)   # EMA adapter removed
+    assert all(torch.allclose(got[k], expected[k], atol=1e-7) for k in got)
+    assert not all(torch.equal(got[k], online[-1][k]) for k in got)              # not the online weights
+    exported = tiny_pipe()
+    exported.load_lora(out["export"], name="lcm")
+    torch.testing.assert_close(lora_params(exported), got)
+
+    b = tiny_pipe()                                  # resume restores the EMA adapter
+    train(b, data(), small(max_steps=2, lora_ema_decay=0.5), str(tmp_path / "b"), LORA)
+    b = tiny_pipe()
+    train(b, data(), small(max_steps=4, lora_ema_decay=0.5), str(tmp_path / "b"), LORA, resume=True)
+    assert all(torch.equal(lora_params(b)[k], got[k]) for k in got)
+    for mode, mu in (("diffusion", 0.9), ("lcm_lora", 1.0)):
+        with pytest.raises(ValueError, match="train.lora_ema_decay"):
+            train(tiny_pipe(), data(), small(mode=mode, lora_ema_decay=mu), str(tmp_path / "c"), LORA)
+
+
 def test_cached_latents_and_text_give_the_same_run(tmp_path):
     a, b = tiny_pipe(), tiny_pipe()
     train(a, data(), small(max_steps=3), str(tmp_path / "a"), LORA)
