@@ -1,9 +1,11 @@
 """The demo world's ablation: LCM-LoRA quality vs the skipping step k and the LoRA rank (a plot).
 
     # the sweeps (Hydra multirun, one run dir per job; ~2.5 CPU-minutes per job)
-    python train.py -m experiment=demo_lcm_lora train.k=1,5,10,20,50 hydra.sweep.dir=outputs/sweep/k
-    python train.py -m experiment=demo_lcm_lora lora.rank=4,64 'lora.alpha=${lora.rank}' \
-        hydra.sweep.dir=outputs/sweep/rank
+    # (as recorded: 100 steps, target = the student (mu = 0), the session-2 demo recipe)
+    python train.py -m experiment=demo_lcm_lora train.max_steps=100 train.lora_ema_decay=null \
+        train.k=1,5,10,20,50 hydra.sweep.dir=outputs/sweep/k
+    python train.py -m experiment=demo_lcm_lora train.max_steps=100 train.lora_ema_decay=null \
+        lora.rank=4,64 'lora.alpha=${lora.rank}' hydra.sweep.dir=outputs/sweep/rank
     # evaluate every run's LoRA at 1, 2, 4 LCM steps; writes docs/demo_sweep.{json,md,png}
     python -m lcm.demo_sweep outputs/sweep/k outputs/sweep/rank
 
@@ -96,9 +98,9 @@ def plot(runs: list[dict], path: str, k_rank: int, k_fixed: int) -> None:
 
 def markdown(runs: list[dict], cmd: str) -> str:
     lines = ["# Demo world: LCM-LoRA vs skipping step k and LoRA rank", "",
-             "Runs: `python train.py -m experiment=demo_lcm_lora train.k=1,5,10,20,50 hydra.sweep.dir=outputs/sweep/k` "
-             "and `python train.py -m experiment=demo_lcm_lora lora.rank=4,64 'lora.alpha=${lora.rank}' "
-             "hydra.sweep.dir=outputs/sweep/rank` (the k = 20, rank 16 point is the bundled recipe); "
+             "Runs: `python train.py -m experiment=demo_lcm_lora train.max_steps=100 train.lora_ema_decay=null train.k=1,5,10,20,50 hydra.sweep.dir=outputs/sweep/k` "
+             "and `python train.py -m experiment=demo_lcm_lora train.max_steps=100 train.lora_ema_decay=null lora.rank=4,64 'lora.alpha=${lora.rank}' "
+             "hydra.sweep.dir=outputs/sweep/rank` (100 steps with the reference target mu = 0: the k = 20, rank 16 point is the first bundled LoRA; the bundled one now trains 600 steps with an EMA target, see demo_results.md); "
              f"evaluated by `{cmd}` (64 prompts, the same per-image seeds for every run; Frechet distances "
              "at 64 samples sit higher than docs/demo_results.md's at 128).", "",
              "| k | rank | alpha | train steps | " + " | ".join(f"acc {s} st." for s in STEPS) + " | "

@@ -18,8 +18,8 @@ TEACHER, LCM, STYLE = (ASSETS / f"demo_{n}.safetensors" for n in ("teacher", "lc
 EVALUATOR = ASSETS / "demo_evaluator.safetensors"
 N_PROMPTS = 32
 # LCM-LoRA, 4 steps, s = 1, these 32 prompts, seeds 0..31: measured when the assets were made.
-LCM4_MEASURED = dict(overall=0.906,     # all 5 content attributes right (29/32 images)
-                     attributes=0.981)  # mean of the 5 attribute accuracies
+LCM4_MEASURED = dict(overall=0.969,     # all 5 content attributes right (31/32 images)
+                     attributes=0.994)  # mean of the 5 attribute accuracies
 MARGIN = 0.07                           # ~2 of 32 images may flip on another CPU / torch build
 
 needs = lambda *paths: pytest.mark.skipif(
@@ -61,7 +61,7 @@ def test_lcm_lora_4_steps_keeps_accuracy(pipe):
 
 @needs(TEACHER, LCM, STYLE, EVALUATOR)
 def test_style_lora_composes_with_lcm_lora(pipe):
-    """Style 0.8 + LCM 1.0, 4 steps, 16 prompts: measured outlined 15/16, content 13/16; one image under."""
+    """Style 0.8 + LCM 1.0, 4 steps, 16 prompts: measured outlined 14/16, content 12/16; one image under."""
     prompts = fixed_prompt_set(16, seed=0)
     pipe.load_lora(str(LCM), name="lcm2")
     pipe.load_lora(str(STYLE), name="style2")
@@ -76,4 +76,4 @@ def test_style_lora_composes_with_lcm_lora(pipe):
     finally:
         pipe.set_lora_scales({"lcm2": 0.0, "style2": 0.0})
     assert style[0.0] <= 1 / 16, style                    # the style LoRA, not the prompt, draws outlines
-    assert style[0.8] >= 14 / 16 and content[0.8] >= 12 / 16, (style, content)
+    assert style[0.8] >= 13 / 16 and content[0.8] >= 11 / 16, (style, content)
