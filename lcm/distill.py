@@ -306,26 +306,26 @@ class AdapterEMA:
     @torch.no_grad()
     def copy_to_student(self) -> None:
         """End of training: the student adapter takes the EMA weights (what is exported)."""
-        ema, online = self._pairs()
-        torch._foreach_copy_([p for m in self.layers.values() for p in (m.lora_down[self.name].weight,
-                                                                          m.lora_up[self.name].weight)], ema)
+        ema, online = self._pairs()                        # online: detached views of the student's
+        torch._foreach_copy_(online, ema)
 
     def remove(self) -> None:
         for m in self.layers.values():
             m.remove_adapter(self.ema_name)
 
-    def state_dict(self) -> dict:
-        ema, _ = self._pairs()
-        keys = [f"{n}.{part}" for n in self.layers for part in ("down", "up")]
-        return {k: p.detach().clone() for k, p in zip(keys, ema)}
+    def _named(self) -> dict[str, torch.Tensor]:
+        ema, _ = self._pairs()                             # (down, up) per layer, in layer order
+        return dict(zip((f"{n}.{part}" for n in self.layers for part in ("down", "up")), ema))
 
+    def state_dict(self) -> dict:
+        return {k: p.detach().clone() for k, p in self._named().items()}
+
+    @torch.no_grad()
     def load_state_dict(self, sd: dict) -> None:
-        ema, _ = self._pairs()
-        keys = [f"{n}.{part}" for n in self.layers for part in ("down", "up")]
-        assert sorted(sd) == sorted(keys), "EMA adapter state does not match this LoRA"
-        with torch.no_grad():
-            for k, p in zip(keys, ema):
-                p.copy_(sd[k])
+        named = self._named()
+        assert sorted(sd) == sorted(named), "EMA adapter state does not match this LoRA"
+        for k, p in named.items():
+            p.copy_(sd[k])
 
 
 @torch.no_grad()
