@@ -37,7 +37,7 @@ def build_pipeline(model: dict):
                              f"model.{missing[0]} is missing: set model.path=/path/to/model.safetensors "
                              "or give model.family/unet/vae/text (see conf/experiment/smoke.yaml)")
         pipe = Pipeline.from_architecture(**{k: model[k] for k in ARCH_KEYS if k in model}, dtype=dtype,
-                                          prediction_type=model.get("prediction_type") or "epsilon",
+                                          prediction_type=model.get("prediction_type"),
                                           seed=int(model.get("seed", 0)))
     pipe.load_loras(model.get("lora"))
     for p in [*pipe.unet.parameters(), *pipe.vae.parameters(), *pipe.text.parameters()]:

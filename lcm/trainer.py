@@ -206,7 +206,7 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
     torch.manual_seed(cfg.seed)                            # LoRA A / w-projection init: equal on all ranks
     pipe.spec = ConsistencySpec(pipe.schedule.T // cfg.k, pipe.spec.sigma_data, pipe.spec.timestep_scaling)
     roles = build_roles(pipe, cfg.mode, lora, cfg.ema_decay, cfg.w_embedding_dim, cfg.train_text_encoder,
-                        lora_ema=lora is not None and cfg.lora_ema_decay is not None and cfg.mode != "diffusion")
+                        lora_ema=cfg.lora_ema_decay is not None)   # check_config: only with a distilled LoRA
     pipe.to(dist.device)
     for m in (roles.student, roles.target, roles.teacher):
         if m is not None:
@@ -303,6 +303,8 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                 ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+            if cfg.lora_scale:                             # validation, export (and a skipped step) see lambda = 1
+                lora_lib.set_lora_scales(roles.student, {roles.lora_name: 1.0})
             if not ok:                                     # NaN/Inf: stop with the step number, or skip it
                 optimizer.zero_grad(set_to_none=True)
                 msg = f"non-finite loss or gradient at step {step} (loss={loss.item():.4g})"
@@ -312,8 +314,6 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
                 log.warning("%s: step skipped (train.on_nan=skip)", msg)
                 nan_skipped, step = nan_skipped + 1, step + 1
                 continue
-            if cfg.lora_scale:                             # validation and export see lambda = 1
-                lora_lib.set_lora_scales(roles.student, {roles.lora_name: 1.0})
             scaler.step(optimizer)
             scaler.update()
             sched.step()
