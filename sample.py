@@ -1,7 +1,7 @@
 """Composition root for sampling: build the pipeline from config, generate, write PNGs.
 
     python sample.py                       # the bundled demo world, LCM-LoRA, 4 steps
-    python sample.py --help                # every knob
+    python sample.py --help                # every knob, with its meaning
 """
 import logging
 import os
@@ -9,9 +9,29 @@ import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from lcm.cli import cuda_message, help_text, missing_value_message
 
 log = logging.getLogger("sample")
 DTYPES = ("float32", "float16", "bfloat16")
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+
+
+def preflight(cfg: DictConfig) -> None:
+    """One-line errors before anything is built: a mandatory (???) value unset, CUDA where there is none."""
+    from hydra.core.hydra_config import HydraConfig
+    missing = sorted(OmegaConf.missing_keys(cfg), key=lambda k: (k != "model.path", k))
+    if missing:
+        raise ValueError(missing_value_message(missing[0], HydraConfig.get().runtime.choices.get("model")))
+    if msg := cuda_message(cfg.model.device, "model.device=cpu model.dtype=float32"):
+        raise ValueError(msg)
+
+
+def knobs(*, _root_: DictConfig) -> str:
+    """Resolver for the --help template (conf/hydra/help/): every knob with its yaml comment."""
+    text = help_text(CONF, OmegaConf.to_container(_root_, resolve=False))
+    return text.replace("$", "$$")                    # the template then goes through string.Template
 
 
 def build_pipeline(cfg: DictConfig):
@@ -30,19 +50,35 @@ def build_pipeline(cfg: DictConfig):
 
 
 def free_path(out_dir: str, stem: str) -> str:
-    """A new file name in out_dir: never overwrites what is there."""
+    """Reserve a new file name in out_dir, `stem-NNN.png`: the file is created empty and exclusively
+    (O_EXCL), so two processes writing into one folder never get the same name; taken names are
+    skipped. The caller writes the image into it (save_png, or PIL's save)."""
     i = 0
-    while os.path.exists(path := os.path.join(out_dir, f"{stem}-{i:03d}.png")):
-        i += 1
-    return path
+    while True:
+        path = os.path.join(out_dir, f"{stem}-{i:03d}.png")
+        try:
+            with open(path, "xb"):                    # atomic: fails if anyone (any process) has the name
+                return path
+        except FileExistsError:
+            i += 1
 
 
 def save_png(img, path: str, params: dict) -> None:
+    """Write img as PNG with its parameters, into a fresh path or one free_path reserved (empty);
+    an existing non-empty file is never overwritten."""
     from PIL import PngImagePlugin
     info = PngImagePlugin.PngInfo()                   # A1111-style "parameters" text chunk
     text = f"{params.pop('prompt')}\n" + ", ".join(f"{k}: {v}" for k, v in params.items())
     info.add_text("parameters", text)
-    img.save(path, pnginfo=info)
+    try:
+        f = open(path, "xb")
+    except FileExistsError:
+        f = open(path, "r+b")                         # no truncation: checked empty (reserved) first
+        if os.fstat(f.fileno()).st_size:
+            f.close()
+            raise FileExistsError(f"{path} exists; refusing to overwrite it") from None
+    with f:
+        img.save(f, format="PNG", pnginfo=info)
 
 
 def run(cfg: DictConfig) -> list[str]:
@@ -100,13 +136,16 @@ def contact_sheet(rows):
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
+        preflight(cfg)
         run(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError, MissingMandatoryValue) as e:
         if cfg.debug:
             raise
-        print(f"sample.py: error: {e}", file=sys.stderr)
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        print(f"sample.py: error: {msg}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    OmegaConf.register_new_resolver("knobs", knobs)
     main()

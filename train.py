@@ -14,19 +14,42 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from lcm.cli import cuda_message, help_text, missing_value_message
+
 log = logging.getLogger("train")
 DTYPES = ("float32", "float16", "bfloat16")
 ARCH_KEYS = ("family", "text_family", "unet", "vae", "text", "default_size", "randomize")
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+CPU_OVERRIDES = "model.device=cpu model.dtype=float32 train.mixed_precision=no"
 
 
-def build_pipeline(model: dict):
-    """A Pipeline from an original checkpoint (model.path) or from architecture kwargs (no path)."""
+def preflight(cfg: DictConfig) -> None:
+    """One-line errors before anything is built: a mandatory (???) value unset, CUDA where there is none."""
+    from hydra.core.hydra_config import HydraConfig
+    missing = sorted(OmegaConf.missing_keys(cfg), key=lambda k: (k != "model.path", k))
+    if missing:
+        raise ValueError(missing_value_message(missing[0], HydraConfig.get().runtime.choices.get("model")))
+    if msg := cuda_message(cfg.model.get("device", "cpu"), CPU_OVERRIDES):
+        raise ValueError(msg)
+
+
+def knobs(*, _root_: DictConfig) -> str:
+    """Resolver for the --help template (conf/hydra/help/train.yaml): every knob with its yaml comment."""
+    text = help_text(CONF, OmegaConf.to_container(_root_, resolve=False))
+    return text.replace("$", "$$")                    # the template then goes through string.Template
+
+
+def build_pipeline(model: dict, loras: list | None = None):
+    """A Pipeline from an original checkpoint (model.path) or from architecture kwargs (no path), with
+    `loras` (paths or {path, scale, name}; default: model.lora) loaded frozen."""
     import torch
 
     from lcm.pipeline import Pipeline
     if model.get("dtype", "float32") not in DTYPES:
         raise ValueError(f"model.dtype must be one of {DTYPES}, got {model['dtype']!r}")
     dtype = getattr(torch, model.get("dtype", "float32"))
+    if model.get("path") == "???":
+        raise ValueError(missing_value_message("model.path"))
     if model.get("path"):
         pipe = Pipeline.from_checkpoint(model["path"], device="cpu", dtype=dtype,
                                         prediction_type=model.get("prediction_type"))
@@ -39,7 +62,7 @@ def build_pipeline(model: dict):
         pipe = Pipeline.from_architecture(**{k: model[k] for k in ARCH_KEYS if k in model}, dtype=dtype,
                                           prediction_type=model.get("prediction_type"),
                                           seed=int(model.get("seed", 0)))
-    pipe.load_loras(model.get("lora"))
+    pipe.load_loras(model.get("lora") if loras is None else loras)
     for p in [*pipe.unet.parameters(), *pipe.vae.parameters(), *pipe.text.parameters()]:
         p.requires_grad_(False)
     return pipe
@@ -55,22 +78,41 @@ def run_dir_of(dist) -> str:
     return path[0]
 
 
+def train_config(train: dict):
+    """The loop's TrainConfig from cfg.train; the rest of cfg.train are the objective's knobs, which
+    conf/objective/*.yaml reads as ${train.<key>} (so train.k etc. work as documented)."""
+    from dataclasses import fields
+
+    from lcm.trainer import TrainConfig
+    return TrainConfig(**{f.name: train[f.name] for f in fields(TrainConfig) if f.name in train})
+
+
+def instantiate(node):
+    """hydra.utils.instantiate, with a constructor's own error (e.g. a bad train.loss) raised as is."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as _instantiate
+    try:
+        return _instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, TypeError, FileNotFoundError)):
+            raise e.__cause__ from None
+        raise
+
+
 def run(cfg: DictConfig) -> dict:
     """Build everything the config names and train; returns the trainer's summary."""
-    from hydra.utils import instantiate
-
     from lcm.trainer import init_distributed, train
     dist = init_distributed(cfg.model.device)
     run_dir = run_dir_of(dist)
     config = OmegaConf.to_container(cfg, resolve=True)
-    pipe = build_pipeline(config["model"])
-    data = instantiate(cfg.data, _convert_="all")
-    tcfg = instantiate(cfg.train, _convert_="all")
-    lora = instantiate(cfg.lora, _convert_="all") if cfg.lora is not None else None
-    logger = instantiate(cfg.logger, _convert_="all")
+    objective = instantiate(cfg.objective)
+    pipe = build_pipeline(config["model"], config.get("lora"))
+    data = instantiate(cfg.data)
+    tcfg = train_config(config["train"])
+    logger = instantiate(cfg.logger)
     if tcfg.val_prompts is None and config["model"].get("prompts"):
         tcfg.val_prompts = list(config["model"]["prompts"])
-    result = train(pipe, data, tcfg, run_dir, lora, logger, cfg.resume, config, dist,
+    result = train(pipe, data, tcfg, run_dir, objective, logger, cfg.resume, config, dist,
                    save_base=not config["model"].get("path"))
     if dist.rank == 0:
         print(result["export"] if result["status"] == "done" else f"stopped at step {result['step']}: {run_dir}")
@@ -80,6 +122,7 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
+        preflight(cfg)
         run(cfg)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, OSError,
             MissingMandatoryValue) as e:
@@ -95,4 +138,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     if int(os.environ.get("RANK", 0)) > 0:       # one run dir, chosen on rank 0 (hydra#2070)
         sys.argv += ["hydra.run.dir=.", "hydra/job_logging=stdout"]
+    OmegaConf.register_new_resolver("knobs", knobs)
     main()

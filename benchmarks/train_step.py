@@ -56,9 +56,10 @@ def reset_peak_rss() -> None:
 # Ours: lcm.distill.lcd_loss over models.unet + models.lora.
 
 def ours_step(args):
-    from lcm.distill import UNetCond, lcd_loss, teacher_ddim_estimate
+    from lcm.distill import lcd_loss, teacher_ddim_estimate
     from lcm.trainer import TrainConfig, make_optimizer
     from models.lora import adapters_disabled, inject_lora
+    from models.text import Conditioning
     from models.unet import UNET_PRESETS, UNetModel
     from solvers.schedule import Schedule
     with torch.device(args.device):
@@ -84,7 +85,7 @@ def ours_step(args):
     estimate = teacher_ddim_estimate(teacher, schedule, "epsilon")
 
     def step(z, ctx, uctx, y, i):
-        loss, _ = lcd_loss(net, net, estimate, z, UNetCond(ctx, y), UNetCond(uctx, y), schedule,
+        loss, _ = lcd_loss(net, net, estimate, z, Conditioning(ctx, y=y), Conditioning(uctx, y=y), schedule,
                            torch.Generator().manual_seed(i), k=K, w_min=W_MIN, w_max=W_MAX, loss="huber",
                            huber_c=HUBER_C)
         loss.mean().backward()

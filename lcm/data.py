@@ -20,8 +20,7 @@ from glob import glob
 import torch
 from torch.utils.data import Dataset
 
-from lcm.conditioning import sdxl_vector, zero_uncond
-from lcm.distill import UNetCond
+from lcm.conditioning import ZERO_UNCOND_FAMILIES, unconditional, with_vector
 from models.text import Conditioning
 from solvers.noise import randn
 
@@ -280,7 +279,6 @@ class LatentEncoder:
     def __init__(self, pipe, device, cache: bool = False, vae_chunk: int = 0, train_text: bool = False):
         self.pipe, self.device, self.use_cache, self.vae_chunk, self.train_text = pipe, device, cache, vae_chunk, train_text
         self.cache, self._empty = {}, None
-        self.zero_uncond = pipe.family in ("sdxl", "ssd1b")     # SDXL: zeros; SD1/SD2: the encoded ""
 
     def _encode(self, images, captions):
         p = self.pipe
@@ -309,18 +307,11 @@ class LatentEncoder:
             mean, std, ctx, pooled = self._encode(images, captions)
         noise = randn(mean.shape, gens, device=self.device)              # posterior sample, per-sample generators
         z = (mean + std * noise) * self.pipe.vae_scale                   # z = scale * E(x).sample()
-        H, W = images.shape[-2:]
-        y = yu = None
-        if pooled is not None:                                           # SDXL micro-conditioning ids
-            ids = list(zip(batch["original_size"], batch["crop_top_left"]))
-            y = torch.cat([sdxl_vector(pooled[i:i + 1], o, c, (H, W)) for i, (o, c) in enumerate(ids)])
-        cond = UNetCond(ctx, y)
-        if self.zero_uncond:                                             # SDXL: zero context and pooled
-            u = zero_uncond(Conditioning(ctx, pooled))
-            if pooled is not None:
-                yu = torch.cat([sdxl_vector(u.pooled[i:i + 1], o, c, (H, W)) for i, (o, c) in enumerate(ids)])
-            return z, cond, UNetCond(u.context, yu)
-        if self._empty is None or self.train_text:                      # SD1/SD2: the encoded ""
-            with torch.set_grad_enabled(self.train_text):
-                self._empty = self.pipe.text.encode([""]).context
-        return z, cond, UNetCond(self._empty.expand(ctx.shape[0], -1, -1), None)
+        cond = Conditioning(ctx, pooled)
+        with torch.set_grad_enabled(self.train_text):      # SD1/SD2: the encoded "" (cached unless trained)
+            if (self._empty is None or self.train_text) and self.pipe.family not in ZERO_UNCOND_FAMILIES:
+                self._empty = self.pipe.text.encode([""])
+            uncond = unconditional(self.pipe.text.encode, self.pipe.family, cond, empty=self._empty)
+        sizes, crops = batch.get("original_size"), batch.get("crop_top_left")  # SDXL micro-conditioning ids
+        vec = lambda c: with_vector(c, sizes, crops, tuple(images.shape[-2:]))
+        return z, vec(cond), vec(uncond)

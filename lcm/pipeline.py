@@ -1,14 +1,16 @@
-"""Text -> image: the public Pipeline (DESIGN.md). Builds from one original-layout checkpoint,
+"""Text -> image: the public Pipeline (README "Python API", docs/conventions.md). Builds from one original-layout checkpoint,
 stacks LoRAs by task arithmetic (LCM-LoRA report Eqs. 2-3) and samples with LCM, DDIM or
 DPM-Solver(++) through the model-agnostic solvers."""
+import copy
 import logging
 import os
 
 import torch
 from tqdm.auto import tqdm
 
-from lcm.conditioning import sdxl_vector, zero_uncond
-from lcm.consistency import ConsistencySpec, f_theta, guidance_embedding
+from lcm.conditioning import unconditional, with_vector
+from lcm.consistency import ConsistencySpec
+from lcm.denoiser import denoiser
 from models import checkpoint as ckpt
 from models import lora as lora_lib
 from models import lora_io
@@ -17,7 +19,7 @@ from solvers import ddim, dpm_solver
 from solvers import lcm as lcm_solver
 from solvers.noise import randn
 from solvers.schedule import Schedule, lcm_timesteps, on_lcm_grid, spaced_timesteps
-from solvers.wrappers import cfg, lcm_w, to_eps, to_x0
+from solvers.wrappers import GuidedModel, lcm_w
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,25 @@ class Pipeline:
             m.to(self.device)
         return self
 
+    def replace(self, **components) -> "Pipeline":
+        """A view of this pipeline with some components swapped (unet, spec, schedule, ...), sharing
+        the rest: the trainer samples its student / EMA / teacher through views, never mutating."""
+        unknown = set(components) - set(vars(self))
+        if unknown:
+            raise ValueError(f"Pipeline.replace: unknown components {sorted(unknown)}")
+        view = copy.copy(self)
+        vars(view).update(components)
+        return view
+
+    def file_config(self, unet=None) -> dict:
+        """What a saved full model needs to rebuild itself (its `lcm.config`), for `unet` (default:
+        this pipeline's; e.g. a distilled student with a w-embedding)."""
+        unet = unet or self.unet
+        cfg = dict(family=self.family, text_family=self.config.get("text_family", self.family),
+                   unet={**self.config["unet"], "time_cond_proj_dim": unet.time_cond_proj_dim},
+                   vae=self.config["vae"])
+        return cfg | ({"default_size": self.config["default_size"]} if "default_size" in self.config else {})
+
     @property
     def vae_scale(self) -> float:
         return self.vae.scale_factor
@@ -138,11 +159,6 @@ class Pipeline:
         cond = self.text.encode(prompts)
         return Conditioning(cond.context.to(self.device, self.dtype),
                             None if cond.pooled is None else cond.pooled.to(self.device, self.dtype))
-
-    def _vector(self, cond: Conditioning, height: int, width: int):
-        if cond.pooled is None:
-            return None
-        return sdxl_vector(cond.pooled, (height, width), (0, 0), (height, width))
 
     #------------------------------------------------------------------------
     # LoRA: task arithmetic W = W0 + sum_i scale_i * (alpha_i / r_i) * B_i A_i.
@@ -185,26 +201,12 @@ class Pipeline:
     #------------------------------------------------------------------------
     # Sampling.
 
-    def _net(self, conds, ys, w_emb):
-        """x, t -> eps: one batched UNet call over [cond] or [uncond, cond], CFG done by caller."""
-        context = torch.cat([c.context for c in conds])
-        y = None if ys[0] is None else torch.cat(ys)
-
-        def net(x, t):
-            n = len(conds)
-            xb = torch.cat([x] * n)
-            tb = torch.as_tensor(t, device=x.device).reshape(-1).expand(xb.shape[0])
-            out = self.unet(xb.to(self.dtype), tb, context, y=y, timestep_cond=w_emb).float()
-            eps = to_eps(out, xb.float(), tb, self.schedule, self.prediction_type)
-            return eps.chunk(n)
-        return net
-
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt=None, steps: int = 4, guidance_scale: float = 1.0,
                  solver: str = "lcm", timesteps=None, height=None, width=None, seed=None,
                  generator=None, latents=None, init_image=None, strength: float = 1.0,
                  output: str = "pil", progress: bool = True, eta: float = 0.0):
-        """Generate images. See DESIGN.md for the meaning of every argument."""
+        """Generate images. See the README's Python API for the meaning of every argument."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height, width = height or self.default_size, width or self.default_size
         self._check_args(prompts, steps, guidance_scale, solver, timesteps, height, width,
@@ -212,25 +214,7 @@ class Pipeline:
         B = len(prompts)
         if seed is not None:                 # per-image generators: an image reproduces at any batch size
             generator = [torch.Generator().manual_seed(int(seed) + i) for i in range(B)]
-        s = float(guidance_scale)
-        cond = self.encode_prompt(prompts)
-        conds, w_emb = [cond], None
-        if self.is_full_lcm:                 # guidance is distilled in: embed w = s - 1, one pass
-            if negative_prompt is not None:
-                raise ValueError("this model distils CFG against the empty prompt; negative prompts "
-                                 "are not supported")
-            w_emb = guidance_embedding(torch.full((B,), lcm_w(s)), self.unet.time_cond_proj.in_features)
-            w_emb = w_emb.to(self.device, self.dtype)
-        elif s != 1.0:
-            conds = [self._uncond(negative_prompt, B, cond), cond]
-        elif negative_prompt is not None:
-            log.warning("negative_prompt is ignored at guidance_scale=1")
-        ys = [self._vector(c, height, width) for c in conds]
-        net = self._net(conds, ys, None if w_emb is None else torch.cat([w_emb] * len(conds)))
-
-        def eps_fn(x, t):                     # CFG on eps: eps_u + s * (eps_c - eps_u)
-            out = net(x, t)
-            return out[0] if len(out) == 1 else cfg(out[1], out[0], s)
+        model = self.denoiser(prompts, negative_prompt, float(guidance_scale), height, width)
 
         ts = self._timesteps(solver, steps, timesteps, strength if init_image is not None else 1.0)
         f = self.latent_factor
@@ -246,30 +230,41 @@ class Pipeline:
         bar = tqdm(total=len(ts), disable=not progress, desc=f"{solver} {len(ts)} steps", leave=False)
         step_done = lambda *_: bar.update(1)
 
-        if solver == "lcm":
-            def denoise(z, t):                # f_theta(z, t) = c_skip z + c_out x0_hat
-                x0 = to_x0(eps_fn(z, t), z, t, self.schedule, "epsilon")
-                return f_theta(z, x0, t, self.spec)
-            out = lcm_solver.sample_lcm(denoise, x, ts, self.schedule, generator=generator,
-                                        callback=step_done)
+        if solver == "lcm":                   # f_theta(z, t) = c_skip z + c_out x0_hat
+            out = lcm_solver.sample_lcm(self.spec.consistency_fn(model.x0), x, ts, self.schedule,
+                                        generator=generator, callback=step_done)
         elif solver == "ddim":
-            out = ddim.sample_ddim(eps_fn, x, ts, self.schedule, eta=eta, generator=generator,
+            out = ddim.sample_ddim(model.eps, x, ts, self.schedule, eta=eta, generator=generator,
                                    callback=step_done)
         elif solver == "dpmsolver++":
-            out = dpm_solver.sample_dpmpp_2m(eps_fn, x, ts, self.schedule, callback=step_done)
+            out = dpm_solver.sample_dpmpp_2m(model.eps, x, ts, self.schedule, callback=step_done)
         else:
-            out = dpm_solver.sample_dpm_solver(eps_fn, x, ts, self.schedule, order=2, callback=step_done)
+            out = dpm_solver.sample_dpm_solver(model.eps, x, ts, self.schedule, order=2, callback=step_done)
         bar.close()
         return self._output(out, output)
 
-    def _uncond(self, negative_prompt, B: int, cond: Conditioning) -> Conditioning:
-        if negative_prompt is None and self.family in ("sdxl", "ssd1b"):
-            return zero_uncond(cond)
-        neg = negative_prompt if negative_prompt is not None else ""
-        neg = [neg] * B if isinstance(neg, str) else list(neg)
-        if len(neg) != B:
-            raise ValueError(f"negative_prompt has {len(neg)} entries for {B} prompts")
-        return self.encode_prompt(neg)
+    def denoiser(self, prompts: list[str], negative_prompt=None, guidance_scale: float = 1.0,
+                 height: int | None = None, width: int | None = None) -> GuidedModel:
+        """The guided UNet for these prompts, as the solvers call it (.eps / .x0): CFG against the
+        negative prompts (or the family's unconditional branch) at s != 1; a full LCM embeds w = s - 1
+        and runs one pass."""
+        height, width = height or self.default_size, width or self.default_size
+        B, s = len(prompts), float(guidance_scale)
+        cond, uncond, w = self.encode_prompt(prompts), None, None
+        if self.is_full_lcm:                 # guidance is distilled in: embed w = s - 1, one pass
+            if negative_prompt is not None:
+                raise ValueError("this model distils CFG against the empty prompt; negative prompts "
+                                 "are not supported")
+            w, s = torch.full((B,), lcm_w(s)), 1.0
+        elif s != 1.0:
+            neg = None if negative_prompt is None else (
+                [negative_prompt] * B if isinstance(negative_prompt, str) else list(negative_prompt))
+            uncond = unconditional(self.encode_prompt, self.family, cond, neg)
+        elif negative_prompt is not None:
+            log.warning("negative_prompt is ignored at guidance_scale=1")
+        vec = lambda c: with_vector(c, [(height, width)] * B, [(0, 0)] * B, (height, width))
+        return denoiser(self.unet, self.prediction_type, self.schedule, vec(cond),
+                        None if uncond is None else vec(uncond), s, w, self.dtype)
 
     def _timesteps(self, solver, steps, timesteps, strength) -> list[int]:
         if timesteps is not None:

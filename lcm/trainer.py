@@ -1,10 +1,11 @@
-"""One training loop for LCM-LoRA, full LCM (LCD), LCF and plain diffusion (PAPER Sec. 3-4).
+"""One training loop for every objective (lcm/objectives/: LCM-LoRA, full LCD, LCF, diffusion).
 
-Order of one step, as written below: batch -> latents/text -> loss -> NaN check -> backward ->
-clip -> optimizer -> EMA -> log -> validate -> checkpoint -> SIGTERM check. Roles (USERS.md Sec. 6):
-teacher = frozen base (adapters off), student = what the optimizer holds, target = EMA copy (full)
-or the student under no_grad (LoRA). Every random draw of sample i at step s comes from a
-generator seeded by (seed, s, global index of i), so resume and multi-process runs are exact.
+Order of one step, as written below: batch -> latents/text -> objective loss -> NaN check ->
+backward -> clip -> optimizer -> objective.after_step (EMA) -> log -> validate -> checkpoint ->
+SIGTERM check. The objective owns the networks (student / target / teacher, docs/users.md Sec. 6);
+the loop owns the optimizer, precision, data, logging and checkpoints. Every random draw of sample
+i at step s comes from a generator seeded by (seed, s, global index of i), so resume and
+multi-process runs are exact.
 """
 from __future__ import annotations
 
@@ -22,21 +23,17 @@ import torch
 from torch import nn
 
 from lcm import checkpointing as ck
-from lcm.distill import LoRAConfig, Roles, build_roles, check_precision, ema_update, mode_loss
-from lcm.consistency import ConsistencySpec
 from lcm.data import LatentEncoder, hash_seed, make_loader
-from models import lora as lora_lib
-from models import lora_io
+from lcm.objectives.base import Objective
 from models.storage import store_frozen
 
 log = logging.getLogger(__name__)
-MODES = ("lcm_lora", "lcd", "lcf", "diffusion")
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class TrainConfig:
-    mode: str = "lcm_lora"              # lcm_lora | lcd | lcf | diffusion
+    """The loop's settings (the objective's own knobs are its constructor arguments)."""
     max_steps: int = 1000
     batch_size: int = 12                # per process
     lr: float = 1e-4
@@ -51,18 +48,6 @@ class TrainConfig:
     frozen_storage: str | None = None   # null | float16 | bfloat16: frozen UNet weights kept so (models/storage.py)
     cache: bool = False                 # keep VAE moments + text embeddings per sample in memory
     vae_chunk: int = 0                  # encode images in chunks of this size (0: whole batch)
-    k: int = 20                         # skipping step; grid t_j = j*k - 1 (num_ddim_timesteps = T/k)
-    w_min: float = 5.0                  # LCM convention w = s - 1 (SD U[5,15], SDXL U[3,15])
-    w_max: float = 15.0
-    w_fixed: float | None = None        # e.g. 6.5 (= s 7.5 as the report states); null: uniform
-    loss: str = "huber"                 # huber | l2
-    huber_c: float = 1e-3
-    ema_decay: float | None = 0.95      # full-model target mu; LoRA modes use the student (mu = 0)
-    lora_ema_decay: float | None = None # LoRA modes: target = an EMA of the LoRA with this mu (exported)
-    w_embedding_dim: int = 256          # lcd: time_cond_proj input width
-    p_uncond: float = 0.1               # diffusion: caption dropout (for CFG)
-    lora_scale: list | None = None      # diffusion LoRA: [lo, hi], the adapter's scale ~ U[lo, hi] per step
-    train_text_encoder: bool = False    # diffusion from scratch: train the text towers too
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10
@@ -108,13 +93,6 @@ def init_distributed(device: str = "cpu") -> Dist:
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, dev)
 
-def loss_kwargs(cfg: TrainConfig) -> dict:
-    """The Algorithm 1 knobs (or the diffusion caption dropout) of a TrainConfig."""
-    if cfg.mode == "diffusion":
-        return dict(p_uncond=cfg.p_uncond)
-    return dict(k=cfg.k, w_min=cfg.w_min, w_max=cfg.w_max, w_fixed=cfg.w_fixed, loss=cfg.loss, huber_c=cfg.huber_c)
-
-
 def step_generators(seed: int, step: int, first: int, n: int) -> list[torch.Generator]:
     """One CPU generator per sample, seeded by (seed, step, global sample index)."""
     return [torch.Generator().manual_seed(hash_seed(seed, step, first + i)) for i in range(n)]
@@ -123,37 +101,34 @@ def step_generators(seed: int, step: int, first: int, n: int) -> list[torch.Gene
 # Validation: prompts x seeds x {1,2,4,8} LCM steps (x guidance), plus the teacher's DDIM images.
 
 @contextlib.contextmanager
-def using_unet(pipe, unet: nn.Module):
-    """Swap the pipeline's UNet (EMA / teacher) and eval mode; restored on exit, even on error."""
-    old, mode = pipe.unet, unet.training
-    pipe.unet = unet.eval()
+def sampling(pipe, unet: nn.Module, **components):
+    """A view of the pipeline sampling with `unet` in eval mode (its mode restored on exit)."""
+    mode = unet.training
     try:
-        yield pipe
+        yield pipe.replace(unet=unet.eval(), **components)
     finally:
-        pipe.unet = old
         unet.train(mode)
 
 
 @torch.no_grad()
-def validate(pipe, roles: Roles, cfg: TrainConfig, prompts: list, size: int, teacher_rows: list):
+def validate(pipe, objective: Objective, cfg: TrainConfig, prompts: list, size: int, teacher_rows: list):
     """Rows of images (N, 3, size, size) in [0,1] with labels; teacher rows are computed once."""
-    def grid(**kw):
-        return torch.cat([pipe(prompts, seed=int(s) * 1000, height=size, width=size, output="tensor",
-                               progress=False, **kw) for s in cfg.val_seeds])
-    rows = []
-    with using_unet(pipe, roles.target), roles.target_ctx():   # the EMA (full model or adapter), else the student
-        if cfg.mode == "diffusion":
-            rows.append((f"ddim {cfg.val_teacher_steps} s={cfg.val_teacher_guidance}",
-                         grid(solver="ddim", steps=cfg.val_teacher_steps, guidance_scale=cfg.val_teacher_guidance)))
+    def grid(p, **kw):
+        return torch.cat([p(prompts, seed=int(s) * 1000, height=size, width=size, output="tensor",
+                            progress=False, **kw) for s in cfg.val_seeds])
+    ddim = dict(solver="ddim", steps=cfg.val_teacher_steps, guidance_scale=cfg.val_teacher_guidance)
+    rows, spec = [], objective.spec or pipe.spec
+    with sampling(pipe, objective.target, spec=spec) as p, objective.target_ctx():   # EMA, else the student
+        if objective.sampler == "ddim":
+            rows.append((f"ddim {cfg.val_teacher_steps} s={cfg.val_teacher_guidance}", grid(p, **ddim)))
         else:
-            guidance = cfg.val_guidance or ([1.0, 1.5] if roles.lora_name else [8.5])
-            rows += [(f"lcm {n} s={s}", grid(solver="lcm", steps=int(n), guidance_scale=float(s)))
+            guidance = cfg.val_guidance or ([1.0, 1.5] if objective.lora_name else [8.5])
+            rows += [(f"lcm {n} s={s}", grid(p, solver="lcm", steps=int(n), guidance_scale=float(s)))
                      for s in guidance for n in cfg.val_steps]
-    if not teacher_rows and cfg.mode in ("lcm_lora", "lcd"):
-        with using_unet(pipe, roles.teacher), roles.teacher_ctx():
+    if not teacher_rows and objective.teacher is not None:
+        with sampling(pipe, objective.teacher) as p, objective.teacher_ctx():
             teacher_rows.append((f"teacher ddim {cfg.val_teacher_steps} s={cfg.val_teacher_guidance}",
-                                 grid(solver="ddim", steps=cfg.val_teacher_steps,
-                                      guidance_scale=cfg.val_teacher_guidance)))
+                                 grid(p, **ddim)))
     return rows + teacher_rows
 
 
@@ -181,50 +156,84 @@ def make_optimizer(params: list, cfg: TrainConfig):
         return bnb.optim.AdamW8bit(params, **kw)
     raise ValueError(f"train.optimizer must be adamw or adamw8bit, got {cfg.optimizer!r}")
 
+#----------------------------------------------------------------------------
+# Setting up: the objective's networks on the device, precision, DDP.
+
+def place(pipe, objective: Objective, cfg: TrainConfig, dist: Dist) -> nn.Module:
+    """Build the objective's networks and put them on the device; returns what the loss calls
+    (the student, DDP-wrapped with several processes)."""
+    torch.manual_seed(cfg.seed)                            # LoRA A / w-projection init: equal on all ranks
+    objective.setup(pipe)
+    pipe.to(dist.device)
+    nets = {id(m): m for m in (objective.student, objective.target, objective.teacher) if m is not None}
+    for m in nets.values():
+        m.to(dist.device)
+    objective.student.train().set_gradient_checkpointing(cfg.gradient_checkpointing)
+    if cfg.frozen_storage:                                 # fp32/autocast compute, half the frozen memory
+        for m in {id(m): m for m in (objective.student, objective.teacher) if m is not None}.values():
+            store_frozen(m, getattr(torch, cfg.frozen_storage))
+    if dist.world == 1:
+        return objective.student
+    if objective.trains_text:
+        raise ValueError("train.train_text_encoder=true is single-process only (its gradients are not "
+                         "synchronised); run without torchrun or freeze the text encoder")
+    return nn.parallel.DistributedDataParallel(
+        objective.student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+        find_unused_parameters=cfg.find_unused_parameters)
+
+
+def check_precision(objective: Objective, optimizer=None) -> None:
+    """Policy (docs/users.md Sec. 6): trainables and optimizer state fp32, whatever the base dtype."""
+    bad = [n for n, p in objective.trainables if p.dtype != torch.float32 or not p.requires_grad]
+    assert not bad, f"trainable parameters must be fp32 and require grad: {bad[:3]}"
+    if optimizer is not None:
+        for st in optimizer.state.values():
+            for k, v in st.items():
+                assert not (torch.is_tensor(v) and v.is_floating_point() and v.dtype != torch.float32
+                            and k != "step"), f"optimizer state {k} is {v.dtype}, not fp32"
+    if isinstance(objective.ema, nn.Module):
+        assert not any(p.requires_grad for p in objective.ema.parameters()), "EMA must be frozen"
+
+
+def check_config(cfg: TrainConfig, objective: Objective, pipe) -> None:
+    """Clean errors (and the objective's lr warnings) before anything is built."""
+    choices = dict(on_nan=("stop", "skip"), mixed_precision=tuple(PRECISIONS))
+    for k, allowed in choices.items():
+        if getattr(cfg, k) not in allowed:
+            raise ValueError(f"train.{k} must be one of {', '.join(allowed)}, got {getattr(cfg, k)!r}")
+    if cfg.frozen_storage not in (None, "float16", "bfloat16"):
+        raise ValueError(f"train.frozen_storage must be null, float16 or bfloat16, got {cfg.frozen_storage!r}")
+    if cfg.cache and objective.trains_text:
+        raise ValueError("train.cache=true stores text embeddings, so it cannot be combined with "
+                         "train.train_text_encoder=true")
+    base = {p.dtype for p in pipe.unet.parameters()}
+    if cfg.mixed_precision == "no" and base != {torch.float32}:
+        raise ValueError(f"the model is in {sorted(map(str, base))}: set train.mixed_precision=bf16 or fp16 "
+                         "(the base runs under autocast, trainables stay fp32), or model.dtype=float32")
+    objective.check_lr(cfg.lr)
 
 #----------------------------------------------------------------------------
 # The loop.
 
-def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None = None,
+def train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective,
           logger: ck.LoggerConfig | None = None, resume=None, config: dict | None = None,
           dist: Dist | None = None, save_base: bool = False) -> dict:
-    """Train `pipe` on `dataset` (items: image (3,H,W) in [-1,1], caption); returns a summary.
-
-    save_base: also write the frozen base as base.safetensors (a model built from scratch, so that
-    sample.py can load it together with the LoRA)."""
+    """Train `objective` on `pipe` and `dataset` (items: image (3,H,W) in [-1,1], caption); returns a
+    summary. save_base: also write the frozen base as base.safetensors (a model built from scratch,
+    so that sample.py can load it together with a LoRA)."""
     dist, logger, config = dist or Dist(), logger or ck.LoggerConfig(mode="disabled"), config or {}
-    check_config(cfg, lora, pipe)
+    check_config(cfg, objective, pipe)
     root = os.path.join(run_dir, "checkpoints")
     resume_path = ck.resolve_resume(run_dir, resume)
     if dist.rank == 0:
         ck.prepare_run_dir(run_dir, fresh=resume_path is None and not resume)
         base = os.path.join(run_dir, "base.safetensors")
-        if save_base and lora is not None and not os.path.exists(base):
-            ck.save_model_file(base, pipe.unet, pipe.vae, pipe.text, model_config(pipe, pipe.unet),
+        if save_base and objective.lora is not None and not os.path.exists(base):
+            ck.save_model_file(base, pipe.unet, pipe.vae, pipe.text, pipe.file_config(),
                                {"prediction_type": pipe.prediction_type})
             ck.make_readable(base)
-    torch.manual_seed(cfg.seed)                            # LoRA A / w-projection init: equal on all ranks
-    pipe.spec = ConsistencySpec(pipe.schedule.T // cfg.k, pipe.spec.sigma_data, pipe.spec.timestep_scaling)
-    roles = build_roles(pipe, cfg.mode, lora, cfg.ema_decay, cfg.w_embedding_dim, cfg.train_text_encoder,
-                        lora_ema=cfg.lora_ema_decay is not None)   # check_config: only with a distilled LoRA
-    pipe.to(dist.device)
-    for m in (roles.student, roles.target, roles.teacher):
-        if m is not None:
-            m.to(dist.device)
-    pipe.schedule = pipe.schedule.to(dist.device) if dist.device.type == "cuda" else pipe.schedule
-    roles.student.train().set_gradient_checkpointing(cfg.gradient_checkpointing)
-    if cfg.frozen_storage:                                 # fp32/autocast compute, half the frozen memory
-        for m in {id(m): m for m in (roles.student, roles.teacher) if m is not None}.values():
-            store_frozen(m, getattr(torch, cfg.frozen_storage))
-    student_call = roles.student
-    if dist.world > 1:
-        if cfg.train_text_encoder:
-            raise ValueError("train.train_text_encoder=true is single-process only (its gradients are not "
-                             "synchronised); run without torchrun or freeze the text encoder")
-        student_call = nn.parallel.DistributedDataParallel(
-            roles.student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-            find_unused_parameters=cfg.find_unused_parameters)
-    params = [p for _, p in roles.trainables]
+    student_call = place(pipe, objective, cfg, dist)
+    params = [p for _, p in objective.trainables]
     optimizer = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0)
@@ -232,12 +241,11 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
 
     step, run_id = 0, None
-    ema = roles.target if roles.ema else roles.lora_ema    # what a checkpoint keeps besides the trainables
     if resume_path is not None:                             # trainables, optimizer, EMA, RNG, step, run id
-        step, run_id = ck.restore_training_state(resume_path, roles.trainables, optimizer, sched, scaler, ema,
-                                                 dist.rank, dist.world)
+        step, run_id = ck.restore_training_state(resume_path, objective.trainables, optimizer, sched, scaler,
+                                                 objective.ema, dist.rank, dist.world)
         run_id = run_id if resume_path.startswith(os.path.abspath(run_dir)) else None
-    check_precision(roles, optimizer)
+    check_precision(objective, optimizer)
 
     logr = None
     if dist.rank == 0:
@@ -246,19 +254,10 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
         logr = ck.RunLogger(run_dir, logger, config, run_id)
     B, G = cfg.batch_size, cfg.batch_size * dist.world
     loader = iter(make_loader(dataset, B, cfg.seed, dist.rank, dist.world, step, cfg.num_workers))
-    encoder = LatentEncoder(pipe, dist.device, cfg.cache, cfg.vae_chunk,
-                            train_text=cfg.train_text_encoder and cfg.mode == "diffusion")
+    encoder = LatentEncoder(pipe, dist.device, cfg.cache, cfg.vae_chunk, train_text=objective.trains_text)
     meta = {"prediction_type": pipe.prediction_type, "lcm.train_config": json.dumps(ck.redact(config))}
-    if cfg.mode != "diffusion":
-        meta |= pipe.spec.to_metadata()
-
-    def export(path):                                      # LoRA in the released kohya layout, or a full model
-        if roles.lora_name:                                # (with an EMA target: the EMA adapter)
-            name = roles.lora_ema.ema_name if roles.lora_ema else roles.lora_name
-            lora_io.save_lora(roles.student, path, name, "kohya", overwrite=True, metadata=meta)
-        else:
-            ck.save_model_file(path, roles.target, pipe.vae, pipe.text, model_config(pipe, roles.target), meta)
-    export_name = f"{roles.lora_name}.safetensors" if roles.lora_name else "model.safetensors"
+    meta |= objective.spec.to_metadata() if objective.spec is not None else {}
+    export_name = objective.export_name
 
     def save(step: int) -> None:
         rngs = [ck.rng_state()]
@@ -266,10 +265,12 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
             rngs = [None] * dist.world
             torch.distributed.all_gather_object(rngs, ck.rng_state())
         if dist.rank == 0:
-            state = ck.training_state(step, roles.trainables, optimizer, sched, scaler, ema, rngs, G, logr.run_id)
+            state = ck.training_state(step, objective.trainables, optimizer, sched, scaler, objective.ema, rngs,
+                                      G, logr.run_id)
             try:
                 ck.write_checkpoint(root, step, {ck.STATE_FILE: lambda p: ck.save_state(p, state, meta),
-                                                 export_name: export}, cfg.keep_checkpoints)
+                                                 export_name: lambda p: objective.export(p, meta)},
+                                    cfg.keep_checkpoints)
             except OSError as e:                           # e.g. disk full: older checkpoints stay intact
                 if step == cfg.max_steps:
                     raise
@@ -288,23 +289,16 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
             batch = next(loader)
             skipped_samples += batch["skipped"]
             gens = step_generators(cfg.seed, step, dist.rank * B, B)
-            if cfg.lora_scale:                             # strength augmentation: lambda ~ U[lo, hi] this step
-                lo, hi = cfg.lora_scale
-                u = torch.rand((), generator=torch.Generator().manual_seed(hash_seed(cfg.seed, step, "scale")))
-                lora_lib.set_lora_scales(roles.student, {roles.lora_name: lo + (hi - lo) * u.item()})
-            with torch.autocast(dist.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                z, cond, uncond = encoder(batch, gens)
-                per_sample, diag = mode_loss(cfg.mode, pipe, roles, student_call, z, cond, uncond, gens,
-                                             **loss_kwargs(cfg))
-                loss = per_sample.mean()
-            ok = dist.all_min(float(torch.isfinite(loss).item()))
-            if ok:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
-            if cfg.lora_scale:                             # validation, export (and a skipped step) see lambda = 1
-                lora_lib.set_lora_scales(roles.student, {roles.lora_name: 1.0})
+            with objective.step_context(step, cfg.seed):
+                with torch.autocast(dist.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    z, cond, uncond = encoder(batch, gens)
+                    loss = objective.loss(student_call, z, cond, uncond, gens)[0].mean()
+                ok = dist.all_min(float(torch.isfinite(loss).item()))
+                if ok:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                    ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
             if not ok:                                     # NaN/Inf: stop with the step number, or skip it
                 optimizer.zero_grad(set_to_none=True)
                 msg = f"non-finite loss or gradient at step {step} (loss={loss.item():.4g})"
@@ -318,10 +312,7 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
             scaler.update()
             sched.step()
             optimizer.zero_grad(set_to_none=True)
-            if roles.ema:                                  # theta_minus <- mu theta_minus + (1-mu) theta
-                ema_update(roles.target, roles.student, cfg.ema_decay)
-            elif roles.lora_ema:
-                roles.lora_ema.update(cfg.lora_ema_decay)
+            objective.after_step()                         # theta_minus <- mu theta_minus + (1-mu) theta
             step, seen = step + 1, seen + G
             loss_sum, n_loss = loss_sum + loss.detach(), n_loss + 1
 
@@ -334,9 +325,7 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
                 if dist.rank == 0:
                     metrics = dict(loss=mean_loss.item(), grad_norm=float(grad_norm), lr=sched.get_last_lr()[0],
                                    samples_per_s=seen / dt, peak_mem_mb=peak_memory_mb(dist.device),
-                                   skipped_samples=skipped_samples, nan_skipped=nan_skipped)
-                    if roles.lora_name:
-                        metrics["lora_norm"] = lora_norm(roles.student, roles.lora_name)
+                                   skipped_samples=skipped_samples, nan_skipped=nan_skipped) | objective.metrics()
                     logr.log(metrics, step)
                     log.info("step %d  loss %.5f  grad %.3g  %.2f samples/s", step, metrics["loss"],
                              metrics["grad_norm"], metrics["samples_per_s"])
@@ -346,7 +335,7 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):   # validate
                 if dist.rank == 0:
                     prompts = prompts or list(cfg.val_prompts or _first_captions(dataset, 2))
-                    rows = validate(pipe, roles, cfg, prompts, batch["image"].shape[-1], teacher_rows)
+                    rows = validate(pipe, objective, cfg, prompts, batch["image"].shape[-1], teacher_rows)
                     path = os.path.join(run_dir, "validation", f"step_{step:07d}.png")
                     save_grid(rows, path)
                     logr.image("validation", path, step, " | ".join(lbl for lbl, _ in rows))
@@ -365,12 +354,11 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
             save(step)
         if status == "done" and dist.rank == 0:            # the final LoRA / model beside the run
             tmp = os.path.join(run_dir, f".tmp-{export_name}")
-            export(tmp)
+            objective.export(tmp, meta)
             ck.make_readable(tmp)
             os.replace(tmp, os.path.join(run_dir, export_name))
-        if status == "done" and roles.lora_ema:            # the pipeline keeps what was exported
-            roles.lora_ema.copy_to_student()
-            roles.lora_ema.remove()
+        if status == "done":
+            objective.finish()                             # the pipeline keeps what was exported
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
@@ -378,52 +366,6 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, lora: LoRAConfig | None
             logr.finish()
     return dict(step=step, status=status, run_dir=run_dir, nan_skipped=nan_skipped,
                 skipped_samples=skipped_samples, export=os.path.join(run_dir, export_name))
-
-
-def check_config(cfg: TrainConfig, lora: LoRAConfig | None, pipe) -> None:
-    """Clean errors (and the USERS.md Sec. 6 lr warnings) before anything is built."""
-    choices = dict(mode=MODES, loss=("huber", "l2"), on_nan=("stop", "skip"), mixed_precision=tuple(PRECISIONS))
-    for k, allowed in choices.items():
-        if getattr(cfg, k) not in allowed:
-            raise ValueError(f"train.{k} must be one of {', '.join(allowed)}, got {getattr(cfg, k)!r}")
-    if cfg.frozen_storage not in (None, "float16", "bfloat16"):
-        raise ValueError(f"train.frozen_storage must be null, float16 or bfloat16, got {cfg.frozen_storage!r}")
-    if cfg.cache and cfg.train_text_encoder:
-        raise ValueError("train.cache=true stores text embeddings, so it cannot be combined with "
-                         "train.train_text_encoder=true")
-    if cfg.lora_scale is not None and (cfg.mode != "diffusion" or lora is None or len(cfg.lora_scale) != 2
-                                       or not 0 < cfg.lora_scale[0] <= cfg.lora_scale[1]):
-        raise ValueError(f"train.lora_scale={cfg.lora_scale}: a range [lo, hi] with 0 < lo <= hi, for "
-                         "train.mode=diffusion with a LoRA (e.g. a style LoRA); null for everything else")
-    if cfg.lora_ema_decay is not None and (lora is None or cfg.mode == "diffusion" or not 0 <= cfg.lora_ema_decay < 1):
-        raise ValueError(f"train.lora_ema_decay={cfg.lora_ema_decay}: a mu in [0, 1) for LoRA distillation "
-                         "(mode=lcm_lora or lcf with a LoRA); null = the student is the target (the reference)")
-    if not cfg.w_min <= cfg.w_max:
-        raise ValueError(f"train.w_min={cfg.w_min} > train.w_max={cfg.w_max}")
-    base = {p.dtype for p in pipe.unet.parameters()}
-    if cfg.mixed_precision == "no" and base != {torch.float32}:
-        raise ValueError(f"the model is in {sorted(map(str, base))}: set train.mixed_precision=bf16 or fp16 "
-                         "(the base runs under autocast, trainables stay fp32), or model.dtype=float32")
-    if cfg.mode != "diffusion" and lora is not None and cfg.lr < 1e-5:
-        log.warning("LoRA distillation with lr=%g < 1e-5 learns (almost) nothing; the reference uses 1e-4", cfg.lr)
-    if cfg.mode in ("lcd", "lcf") and lora is None and cfg.lr > 1e-5:
-        log.warning("full-model distillation with lr=%g > 1e-5 tends to diverge; the reference uses 1e-6", cfg.lr)
-
-
-def model_config(pipe, unet: nn.Module) -> dict:
-    """What a saved full model needs to rebuild itself (stored as its `lcm.config`)."""
-    cfg = dict(family=pipe.family, text_family=pipe.config.get("text_family", pipe.family),
-               unet={**pipe.config["unet"], "time_cond_proj_dim": unet.time_cond_proj_dim},
-               vae=pipe.config["vae"])
-    return cfg | ({"default_size": pipe.config["default_size"]} if "default_size" in pipe.config else {})
-
-
-def lora_norm(model: nn.Module, name: str) -> float:
-    """||Delta W|| = sqrt(sum over layers of ||(alpha/r) B A||_F^2): 0 means 'learns nothing'."""
-    with torch.no_grad():
-        sq = sum(m.delta_weight(name).pow(2).sum() for _, m in lora_lib.lora_layers(model)
-                 if hasattr(m, "delta_weight") and name in m.lora_down)
-    return float(sq) ** 0.5
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -122,8 +122,21 @@ class TextTower(nn.Module):
 
 @dataclass
 class Conditioning:
+    """What a prompt conditions the UNet on; the one conditioning type of sampling and training."""
     context: torch.Tensor                  # (B, 77, D): 768 SD1, 1024 SD2, 2048 SDXL
     pooled: torch.Tensor | None = None     # (B, 1280) SDXL (bigG's projected EOT feature), else None
+    y: torch.Tensor | None = None          # (B, 2816) SDXL UNet vector [pooled, size/crop ids], else None
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        """Batch concatenation [self; other] (one UNet pass over cond and uncond)."""
+        join = lambda a, b: None if a is None else torch.cat([a, b])
+        return Conditioning(join(self.context, other.context), join(self.pooled, other.pooled), join(self.y, other.y))
+
+    def where(self, mask: torch.Tensor, other: "Conditioning") -> "Conditioning":
+        """Per sample: `other` where mask (B,) is True, else self (caption dropout)."""
+        def pick(a, b):
+            return None if a is None else torch.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)).bool(), b, a)
+        return Conditioning(pick(self.context, other.context), pick(self.pooled, other.pooled), pick(self.y, other.y))
 
 
 class TextConditioner(nn.Module):
@@ -146,16 +159,6 @@ class TextConditioner(nn.Module):
             contexts.append(hidden)
             pooled = p if i == self.pooled_from else pooled
         return Conditioning(torch.cat(contexts, dim=-1), pooled)
-
-    def zero_conditioning(self, batch: int) -> Conditioning:
-        """All-zero context and pooled (SDXL's unconditional branch), on this module's device/dtype."""
-        w = self.towers[0].token_embedding.weight
-        width = sum(t.config["width"] for t in self.towers)
-        length = self.towers[0].context_length
-        pooled = None
-        if self.pooled_from is not None:
-            pooled = w.new_zeros(batch, self.towers[self.pooled_from].config["proj_dim"])
-        return Conditioning(w.new_zeros(batch, length, width), pooled)
 
 #----------------------------------------------------------------------------
 # Family presets (full size) and where the weights live in original checkpoints.

@@ -5,7 +5,7 @@
 
 One source per notebook (notebooks/src/<name>.py, a list CELLS of md(...) / code(...) cells; the
 shared first cell and the helpers are in notebooks/src/nbcells.py). The notebooks only import the
-project's modules (solvers/, lcm/, models/); the math lives there. They read the demo assets
+project's modules (solvers/, lcm/, models/, demo/); the math lives there. They read the demo assets
 (teacher, LCM-LoRA, style LoRA, evaluator) from $LCM_DEMO_DIR, default ../assets.
 tests/test_notebooks.py executes every notebook and checks they match their sources.
 """

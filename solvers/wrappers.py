@@ -1,11 +1,15 @@
-"""The one place that knows prediction_type (PAPER Sec. 2), classifier-free guidance (Sec. 3.1).
+"""The one place that knows prediction_type and classifier-free guidance (docs/method.md Sec. 1-2).
 
-Solver contract: model_fn(x, t) -> eps_hat, x (B, ...), t a 0-dim CPU tensor: int64 on the
-integer grid, float64 at DPM-Solver's continuous intermediate points. The network contract:
+Solver contract: model_fn(x, t) -> eps_hat or x0_hat, x (B, ...), t a 0-dim CPU tensor: int64 on
+the integer grid, float64 at DPM-Solver's continuous intermediate points (or (B,) per sample in
+training). The network contract (lcm.denoiser builds it for a UNet):
 
     net_fn(x, t, with_uncond) -> raw output (eps, v or x0)
         with_uncond=False: x (B, ...), conditional branch only        (one pass, s == 1)
         with_uncond=True:  x (2B, ...) = cat([x, x]); returns cat([cond, uncond])  (s != 1)
+
+GuidedModel turns a net_fn into the solvers' eps / x0 functions: the Pipeline, the trainer's
+validation and the LCD teacher all go through it, so the solver tests certify the product path.
 """
 from __future__ import annotations
 
@@ -59,10 +63,11 @@ def eps_to_x0(eps: torch.Tensor, x: torch.Tensor, t: TimeLike, schedule: Schedul
     return to_x0(eps, x, t, schedule, "epsilon")
 
 #----------------------------------------------------------------------------
-# Guidance. Imagen form with scale s; the LCM paper's w is s - 1 (PAPER Sec. 3.1).
+# Guidance. Imagen form with scale s; the LCM paper's w is s - 1 (LCM arXiv 2310.04378, Eq. 9).
 
-def cfg(cond: torch.Tensor, uncond: torch.Tensor, s: float) -> torch.Tensor:
-    """uncond + s * (cond - uncond); equals cond + w * (cond - uncond) with w = s - 1."""
+def cfg(cond: torch.Tensor, uncond: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
+    """uncond + s * (cond - uncond); equals cond + w * (cond - uncond) with w = s - 1; s () or (B,)."""
+    s = expand_as(torch.as_tensor(s, dtype=torch.float64), cond) if torch.is_tensor(s) else s
     return uncond + s * (cond - uncond)
 
 
@@ -71,21 +76,52 @@ def lcm_w(guidance_scale: float) -> float:
     return guidance_scale - 1.0
 
 
-def guided_output(net_fn: NetFn, x: torch.Tensor, t: torch.Tensor, guidance_scale: float = 1.0) -> torch.Tensor:
-    """Raw output with CFG: one pass (B) at s == 1, one batched pass (2B) otherwise; (B, ...)."""
-    if guidance_scale == 1.0:
+def guided_output(net_fn: NetFn, x: torch.Tensor, t: torch.Tensor, guidance_scale: float | torch.Tensor = 1.0
+                  ) -> torch.Tensor:
+    """Raw output with CFG (B, ...): one pass (B) at a scalar s == 1, one batched pass (2B) otherwise.
+    t: () or (B,); guidance_scale: a float, or (B,) per sample (the LCD teacher's w + 1)."""
+    if not torch.is_tensor(guidance_scale) and guidance_scale == 1.0:
         return net_fn(x, t, False)
-    cond, uncond = net_fn(torch.cat([x, x]), t, True).chunk(2)  # CFG is linear, so it commutes
-    return cfg(cond, uncond, guidance_scale)                   # with the affine conversions
+    tt = torch.cat([t, t]) if t.ndim else t
+    cond, uncond = net_fn(torch.cat([x, x]), tt, True).chunk(2)   # CFG is linear, so it commutes
+    return cfg(cond, uncond, guidance_scale)                       # with the affine conversions
+
+#----------------------------------------------------------------------------
+# The one model adapter: a network + prediction type + schedule + guidance -> the solvers' eps / x0.
+
+class GuidedModel:
+    """What every solver and the LCD teacher call: eps_hat / x0_hat of the guided network at (x, t).
+    x0 comes from the raw output directly (v: x0 = alpha z - sigma v), not through eps."""
+
+    def __init__(self, net_fn: NetFn, prediction_type: str, schedule: Schedule,
+                 guidance_scale: float | torch.Tensor = 1.0):
+        _check(prediction_type)
+        self.net_fn, self.prediction_type, self.schedule, self.s = net_fn, prediction_type, schedule, guidance_scale
+
+    def output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The guided raw output (eps, v or x0) (B, ...)."""
+        return guided_output(self.net_fn, x, t, self.s)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """model_fn for DDIM / DPM-Solver: guided eps_hat (B, ...)."""
+        return to_eps(self.output(x, t), x, t, self.schedule, self.prediction_type)
+
+    def x0(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """model_fn for f_theta (LCM): guided x0_hat (B, ...)."""
+        return to_x0(self.output(x, t), x, t, self.schedule, self.prediction_type)
+
+    def x0_eps(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) from one guided pass (a DDIM step needs both)."""
+        out = self.output(x, t)
+        return (to_x0(out, x, t, self.schedule, self.prediction_type),
+                to_eps(out, x, t, self.schedule, self.prediction_type))
 
 
 def make_eps_fn(net_fn: NetFn, prediction_type: str, schedule: Schedule, guidance_scale: float = 1.0) -> ModelFn:
     """model_fn(x, t) -> guided eps_hat (B, ...), for DDIM and DPM-Solver(++)."""
-    _check(prediction_type)
-    return lambda x, t: to_eps(guided_output(net_fn, x, t, guidance_scale), x, t, schedule, prediction_type)
+    return GuidedModel(net_fn, prediction_type, schedule, guidance_scale).eps
 
 
 def make_x0_fn(net_fn: NetFn, prediction_type: str, schedule: Schedule, guidance_scale: float = 1.0) -> ModelFn:
     """model_fn(x, t) -> guided x0_hat (B, ...), the input of f_theta for LCM."""
-    _check(prediction_type)
-    return lambda x, t: to_x0(guided_output(net_fn, x, t, guidance_scale), x, t, schedule, prediction_type)
+    return GuidedModel(net_fn, prediction_type, schedule, guidance_scale).x0

@@ -9,8 +9,8 @@ import pathlib
 import pytest
 import torch
 
-from lcm.demo_eval import DemoEvaluator
-from lcm.demo_world import CONTENT, fixed_prompt_set
+from demo.evaluator import DemoEvaluator
+from demo.world import CONTENT, fixed_prompt_set
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
@@ -38,7 +38,7 @@ def pipe():
 def test_teacher_loads_as_demo(pipe):
     assert pipe.family == "demo"
     assert pipe.default_size == 64
-    assert pipe.prediction_type == "v_prediction"         # lcm/demo_vae.py TEACHER_ARCH
+    assert pipe.prediction_type == "v_prediction"         # demo/arch.py TEACHER_ARCH
     assert pipe.latent_factor == 4                        # 64x64 images <-> 16x16x4 latents
 
 

@@ -1,8 +1,8 @@
-"""lcm.demo_sweep: finds finished Hydra jobs by their config.json, tabulates and plots k and rank."""
+"""demo.sweep: finds finished Hydra jobs by their config.json, tabulates and plots k and rank."""
 import json
 import os
 
-from lcm.demo_sweep import markdown, plot, runs_in
+from demo.sweep import markdown, plot, runs_in
 
 
 def test_runs_are_found_tabulated_and_plotted(tmp_path):
@@ -10,8 +10,9 @@ def test_runs_are_found_tabulated_and_plotted(tmp_path):
     for i, (k, rank) in enumerate(jobs):
         run = tmp_path / "sweep" / str(i)
         run.mkdir(parents=True)
-        (run / "config.json").write_text(json.dumps({"train": {"k": k, "max_steps": 100},
-                                                     "lora": {"rank": rank, "alpha": rank}}))
+        lora = {"rank": rank, "alpha": rank}                    # objective.lora; older runs: top-level lora
+        layout = {"objective": {"lora": lora}} if i % 2 else {"lora": lora}
+        (run / "config.json").write_text(json.dumps({"train": {"k": k, "max_steps": 100}, **layout}))
         if i != 2:                                              # job 2 unfinished: no LoRA file yet
             (run / "lcm.safetensors").write_bytes(b"")
     runs = runs_in([str(tmp_path / "sweep")])

@@ -1,11 +1,11 @@
-"""The demo text tower's caption pretraining (lcm/demo_text.py): it learns to read every attribute
+"""The demo text tower's caption pretraining (demo/text.py): it learns to read every attribute
 from the features the UNet sees, and its file round-trips into the teacher's TextConditioner."""
 
 import torch
 
-from lcm.demo_text import caption_batch, load_text, pretrain_text, save_text
-from lcm.demo_vae import TEACHER_ARCH
-from lcm.demo_world import CONTENT
+from demo.arch import TEACHER_ARCH
+from demo.text import caption_batch, load_text, pretrain_text, save_text
+from demo.world import CONTENT
 
 
 def test_caption_batch_marks_positions_from_eot():

@@ -10,8 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from lcm.demo_eval import DemoEvaluator, feature_stats, frechet_distance, train_batch, train_evaluator
-from lcm.demo_world import (BACKGROUNDS, COLOURS, CONTENT, POSITIONS, VOCAB, Attributes, DemoDataset,
+from demo.evaluator import DemoEvaluator, feature_stats, frechet_distance, train_batch, train_evaluator
+from demo.world import (BACKGROUNDS, COLOURS, CONTENT, POSITIONS, VOCAB, Attributes, DemoDataset,
                             caption, fixed_prompt_set, parse_caption, real_batch, render, sample)
 
 ASSET = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo_evaluator.safetensors"

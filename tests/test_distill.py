@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from lcm.consistency import guidance_embedding
-from lcm.distill import (UNetCond, diffusion_loss, distance, draw_points, lcd_loss, model_target,
-                         same_noise_estimate, teacher_ddim_estimate)
+from lcm.distill import (diffusion_loss, distance, draw_points, lcd_loss, model_target, same_noise_estimate,
+                         teacher_ddim_estimate)
 from models.lora import adapters_disabled, inject_lora
+from models.text import Conditioning
 from models.unet import UNetModel
 from solvers.schedule import Schedule
 
@@ -34,8 +35,8 @@ def net(module, use_w: bool):
 def inputs(B=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(B, 4, 8, 8, generator=g)
-    cond = UNetCond(torch.randn(B, 77, 16, generator=g))
-    uncond = UNetCond(torch.randn(1, 77, 16, generator=g).expand(B, -1, -1))
+    cond = Conditioning(torch.randn(B, 77, 16, generator=g))
+    uncond = Conditioning(torch.randn(1, 77, 16, generator=g).expand(B, -1, -1))
     return z, cond, uncond
 
 
@@ -167,8 +168,8 @@ def test_per_sample_generators_make_losses_batch_independent():
     gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]
     with torch.no_grad():
         full, _ = lcd_loss(net(unet, False), net(unet, False), est, z, cond, uncond, SCHEDULE, gens(range(4)))
-        halves = [lcd_loss(net(unet, False), net(unet, False), est, z[i:i + 2], UNetCond(cond.context[i:i + 2]),
-                           UNetCond(uncond.context[i:i + 2]), SCHEDULE, gens(range(i, i + 2)))[0] for i in (0, 2)]
+        halves = [lcd_loss(net(unet, False), net(unet, False), est, z[i:i + 2], Conditioning(cond.context[i:i + 2]),
+                           Conditioning(uncond.context[i:i + 2]), SCHEDULE, gens(range(i, i + 2)))[0] for i in (0, 2)]
     torch.testing.assert_close(full, torch.cat(halves), atol=1e-6, rtol=1e-5)
 
 

@@ -1,5 +1,6 @@
 """sample.py end to end: PNGs with parameters, never overwriting; one-line errors for bad input."""
 import os
+import re
 import subprocess
 import sys
 
@@ -63,3 +64,61 @@ def test_out_dir_that_is_a_file(ckpt, tmp_path):
 def test_unknown_solver_is_named(ckpt):
     res = run("model=sd15", f"model.path={ckpt}", "solver=euler")
     assert res.returncode != 0 and "euler" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_missing_model_path_is_one_line_naming_key_and_example():
+    res = run("model=sdxl")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    line, = res.stderr.strip().splitlines()
+    assert "model.path is not set" in line and "model.path=/weights/sd_xl_base_1.0.safetensors" in line
+
+
+def test_cuda_where_there_is_none_names_the_cpu_overrides(ckpt):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "CUDA_VISIBLE_DEVICES": ""}     # no CUDA, even on a GPU box
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "model=sd15", f"model.path={ckpt}",
+                          "model.device=cuda"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    line, = res.stderr.strip().splitlines()
+    assert "CUDA is not available" in line and "model.device=cpu model.dtype=float32" in line
+
+
+def inline_comments(path: str) -> dict[str, str]:
+    """Top-level `key: value  # comment` lines of a yaml file (read here independently of lcm.cli)."""
+    out = {}
+    for line in open(path):
+        if m := re.match(r"^(\w+):\s.*?\s#\s+(.*\S)\s*$", line):
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def test_help_shows_every_knob_with_its_meaning():
+    """Each commented knob of conf/sample.yaml and of the chosen model preset appears as
+    `key: default  # comment`; the group line names the preset in effect."""
+    res = run("model=sd15", "--help")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    top = inline_comments(os.path.join(ROOT, "conf", "sample.yaml"))
+    model = inline_comments(os.path.join(ROOT, "conf", "model", "sd15.yaml"))
+    assert "guidance_scale" in top and len(top) >= 10
+    for indent, comments in (("", top), ("  ", model)):
+        for key, comment in comments.items():
+            assert any(ln.startswith(f"{indent}{key}:") and ln.endswith(f"# {comment}") for ln in lines), \
+                f"--help lacks `{indent}{key}: ...  # {comment}`"
+    assert any(ln.startswith("model=sd15") for ln in lines) and any(ln == "  path: ???" for ln in lines)
+
+
+def test_yaml_notes_and_flow_values(tmp_path):
+    """The comment reader: trailing comments, '#' in quotes, the comment line above, wrapped comments,
+    nested keys, the file header and defaults entries; flow() quotes what yaml would misread."""
+    from lcm.cli import YamlNotes, flow
+    f = tmp_path / "x.yaml"
+    f.write_text("# @package _global_\n# The header.\ndefaults:\n  - override /data: tiny   # small data\n"
+                 "  - _self_\n\na: 1                 # one\nb: \"x # not a comment\"\n# about c\nc:\n"
+                 "  d: [1, 2]           # nested\n  e: null             # first half;\n"
+                 "                       # second half\nf: 2\n")
+    notes = YamlNotes(str(f))
+    assert notes.package == "_global_" and notes.header == "The header."
+    assert notes.defaults == [("data", "tiny", "small data"), ("_self_", "", "")]
+    assert notes.meanings == {"a": "one", "c": "about c", "c.d": "nested", "c.e": "first half; second half"}
+    assert flow("no") == '"no"' and flow("${solver.steps}") == "${solver.steps}" and flow("a: b") == '"a: b"'
+    assert flow([{"path": "p", "scale": 0.8}]) == "[{path: p, scale: 0.8}]" and flow(None) == "null"

@@ -172,7 +172,8 @@ def test_sdxl_conditioner_equals_cat_of_penultimates_and_bigg_text_embeds(hf_tok
     assert c.context.shape == (len(prompts), 77, 128 + 192) and c.pooled.shape == (len(prompts), 96)
     assert_parity(c.context, torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1))
     assert_parity(c.pooled, out_g.text_embeds)
-    z = cond.zero_conditioning(3)
+    from lcm.conditioning import unconditional                # SDXL's uncond branch: zeros, no text pass
+    z = unconditional(None, "sdxl", cond.encode(PROMPTS[:3]))
     assert z.context.shape == (3, 77, 320) and z.pooled.shape == (3, 96)
     assert not z.context.any() and not z.pooled.any()
 

@@ -13,8 +13,13 @@ from omegaconf import OmegaConf, open_dict
 import lcm.checkpointing as ck
 from lcm.data import ImageFolder, StepSampler, TarShards, TrainData
 from lcm.data import LatentEncoder
-from lcm.distill import LoRAConfig, build_roles
-from lcm.trainer import TrainConfig, make_optimizer, train, validate
+from lcm import trainer
+from lcm.objectives.base import LoRAConfig
+from lcm.objectives.diffusion import Diffusion
+from lcm.objectives.lcd import LCD
+from lcm.objectives.lcd_lora import LCDLoRA
+from lcm.objectives.lcf import LCF
+from lcm.trainer import TrainConfig, make_optimizer, validate
 from train import build_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,10 +32,42 @@ def tiny_pipe(**over):
     return build_pipeline({**SMOKE_MODEL, **over})
 
 
-def small(**kw) -> TrainConfig:
+CONSISTENCY = ("k", "w_min", "w_max", "w_fixed", "loss", "huber_c", "lora_scale")
+OBJECTIVES = {                                             # mode -> (class, its knobs among small()'s keys)
+    "lcm_lora": (LCDLoRA, CONSISTENCY + ("lora_ema_decay",)),
+    "lcd": (LCD, CONSISTENCY + ("ema_decay", "w_embedding_dim")),
+    "lcf": (LCF, CONSISTENCY + ("ema_decay", "lora_ema_decay")),
+    "diffusion": (Diffusion, ("ema_decay", "p_uncond", "lora_scale", "train_text_encoder", "lora_ema_decay")),
+}
+
+
+def small(mode: str = "lcm_lora", **kw) -> tuple[TrainConfig, str, dict]:
+    """A short run's loop config, and the objective's mode and knobs (as train.* would give them)."""
     base = dict(max_steps=4, batch_size=2, lr=1e-3, log_every=1, checkpoint_every=2, validate_every=0,
                 val_steps=[1, 2], val_teacher_steps=2, val_guidance=[1.0])
-    return TrainConfig(**{**base, **kw})
+    knobs = {k: kw.pop(k) for k in list(kw) if k not in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**{**base, **kw}), mode, knobs
+
+
+def objective(mode: str, lora, **knobs):
+    cls, allowed = OBJECTIVES[mode]
+    assert set(knobs) <= set(allowed), (mode, knobs)
+    if "lora_ema_decay" in knobs and cls is LCDLoRA:        # LCDLoRA's own mu is train.lora_ema_decay
+        knobs["ema_decay"] = knobs.pop("lora_ema_decay")
+    return cls(lora=lora, **knobs)
+
+
+def build_roles(pipe, mode: str, lora, **knobs):
+    """The objective of `mode`, set up on pipe (its student / target / teacher)."""
+    obj = objective(mode, lora, **knobs)
+    obj.setup(pipe)
+    return obj
+
+
+def train(pipe, dataset, setup, run_dir, lora, **kw):
+    """lcm.trainer.train with the objective that small()'s mode and knobs describe."""
+    cfg, mode, knobs = setup
+    return trainer.train(pipe, dataset, cfg, run_dir, objective(mode, lora, **knobs), **kw)
 
 
 def data():
@@ -53,20 +90,24 @@ def test_presets_match_users_md_sec9():
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         lora = compose("train", overrides=["train=lora_distill"])
         sdxl = compose("train", overrides=["train=lora_distill_sdxl"]).train
-        full = compose("train", overrides=["train=full_distill", "lora=none"])
-    t, l = lora.train, lora.lora
-    assert (t.mode, t.lr, l.rank, l.alpha, t.loss, t.huber_c) == ("lcm_lora", 1e-4, 64, 64, "huber", 1e-3)
+        full = compose("train", overrides=["train=full_distill", "objective=lcd"])
+    t, l = lora.train, lora.objective.lora
+    assert (lora.objective._target_, t.lr, l.rank, l.alpha, t.loss, t.huber_c) == (
+        "lcm.objectives.lcd_lora.LCDLoRA", 1e-4, 64, 64, "huber", 1e-3)
     assert (t.w_min, t.w_max, t.k, t.batch_size, list(t.betas), t.adam_eps) == (5, 15, 20, 12, [0.9, 0.999], 1e-8)
     assert (t.weight_decay, t.grad_clip, t.warmup_steps, t.ema_decay, t.w_fixed) == (0, 1.0, 0, None, None)
     assert (sdxl.w_min, sdxl.w_max, sdxl.lr) == (3, 15, 1e-4)
-    assert (full.train.mode, full.train.lr, full.train.ema_decay, full.lora) == ("lcd", 1e-6, 0.95, None)
+    assert (full.objective._target_, full.train.lr, full.train.ema_decay, full.objective.lora) == (
+        "lcm.objectives.lcd.LCD", 1e-6, 0.95, None)
     assert (full.train.w_embedding_dim, full.train.k, full.train.loss) == (256, 20, "huber")
+    o = full.objective                                     # the objective reads the documented train.* names
+    assert (o.ema_decay, o.k, o.loss, o.w_embedding_dim) == (0.95, 20, "huber", 256)
 
 
 def test_optimizer_holds_only_trainables():
     pipe = tiny_pipe()
     roles = build_roles(pipe, "lcm_lora", LORA)
-    opt = make_optimizer([p for _, p in roles.trainables], small())
+    opt = make_optimizer([p for _, p in roles.trainables], small()[0])
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     lora = {id(p) for n, p in pipe.unet.named_parameters() if ".lora_" in n}
     assert held == lora and len(lora) > 0
@@ -74,7 +115,7 @@ def test_optimizer_holds_only_trainables():
     assert all(p.dtype == torch.float32 for _, p in roles.trainables)
     pipe = tiny_pipe()                                      # full LCM: student copy + EMA target + teacher
     roles = build_roles(pipe, "lcd", None, ema_decay=0.95)
-    opt = make_optimizer([p for _, p in roles.trainables], small())
+    opt = make_optimizer([p for _, p in roles.trainables], small()[0])
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     assert held == {id(p) for p in roles.student.parameters()}
     assert not held & {id(p) for p in [*roles.target.parameters(), *roles.teacher.parameters()]}
@@ -84,7 +125,7 @@ def test_optimizer_holds_only_trainables():
 def test_mode_and_precision_errors():
     with pytest.raises(ValueError, match="needs a LoRA"):
         build_roles(tiny_pipe(), "lcm_lora", None)
-    with pytest.raises(ValueError, match="lora=none"):
+    with pytest.raises(ValueError, match="objective.lora=null"):
         build_roles(tiny_pipe(), "lcd", LORA)
     with pytest.raises(ValueError, match="mixed_precision=bf16"):
         train(tiny_pipe(dtype="bfloat16"), data(), small(), "/nonexistent/x", LORA)
@@ -95,13 +136,15 @@ def test_mode_and_precision_errors():
 @torch.no_grad()
 def held_out_loss(pipe, cfg) -> float:
     """The LCD loss of `pipe` (LoRA or not) on the 8 images x 4 fixed draws."""
-    from lcm.distill import UNetCond, lcd_loss, net_fn, teacher_ddim_estimate
+    from lcm.distill import lcd_loss, net_fn, teacher_ddim_estimate
     from models.lora import adapters_disabled
+    from models.text import Conditioning as UNetCond
+    knobs = cfg[2]
     items = [TrainData(data())[i] for i in range(8)]
     z = pipe.vae.encode(torch.stack([it["image"] for it in items])).mean * pipe.vae_scale
     cond = UNetCond(pipe.text.encode([it["caption"] for it in items]).context)
     uncond = UNetCond(pipe.text.encode([""]).context.expand(8, -1, -1))
-    net = net_fn(pipe.unet, None)
+    net = net_fn(pipe.unet)
 
     def teacher(*a):
         with adapters_disabled(pipe.unet):
@@ -109,7 +152,7 @@ def held_out_loss(pipe, cfg) -> float:
     est = teacher_ddim_estimate(teacher, pipe.schedule, "epsilon")
     losses = [lcd_loss(net, net, est, z, cond, uncond, pipe.schedule,
                        [torch.Generator().manual_seed(100 * r + i) for i in range(8)],
-                       k=cfg.k, loss=cfg.loss, w_fixed=cfg.w_fixed)[0].mean() for r in range(4)]
+                       k=knobs.get("k", 20), loss=knobs["loss"], w_fixed=knobs["w_fixed"])[0].mean() for r in range(4)]
     return float(sum(losses) / 4)
 
 
@@ -306,10 +349,10 @@ def test_disk_full_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 def test_validation_leaves_params_unchanged(tmp_path):
     pipe = tiny_pipe()
     cfg = small()
-    roles = build_roles(pipe, cfg.mode, LORA)
+    roles = build_roles(pipe, cfg[1], LORA)
     roles.student.train()
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    rows = validate(pipe, roles, cfg, ["a red circle"], 32, teacher := [])
+    rows = validate(pipe, roles, cfg[0], ["a red circle"], 32, teacher := [])
     assert [lbl for lbl, _ in rows] == ["lcm 1 s=1.0", "lcm 2 s=1.0", "teacher ddim 2 s=7.5"] and len(teacher) == 1
     assert all(r.shape == (1, 3, 32, 32) for _, r in rows)
     after = pipe.unet.state_dict()

@@ -94,7 +94,7 @@ CELLS = [
     Every picture is a latent decoded by the VAE.
     """),
     code("""
-    from lcm import demo_world
+    from demo import world
     from lcm.pipeline import Pipeline
     from models.lora import adapters_disabled
     from solvers.wrappers import make_x0_fn
@@ -104,8 +104,8 @@ CELLS = [
     S, spec = pipe.schedule, pipe.spec
     TEACHER_S = 7.5                                  # teacher CFG scale s (= w + 1 in LCM's convention)
 
-    attrs, x = demo_world.sample(seed=0, index=3, resolution=pipe.default_size)
-    prompt = demo_world.caption(attrs)
+    attrs, x = world.sample(seed=0, index=3, resolution=pipe.default_size)
+    prompt = world.caption(attrs)
     context = pipe.encode_prompt([prompt, ""]).context     # [c; uncond], (2, 77, D)
 
 

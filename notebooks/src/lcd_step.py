@@ -25,10 +25,12 @@ CELLS = [
     """),
     code(SETUP),
     code("""
-    from lcm import demo_world
+    from demo import world
     from lcm.consistency import boundary_scalings, f_theta
-    from lcm.distill import (LoRAConfig, UNetCond, build_roles, distance, draw_points, lcd_loss, net_fn,
-                             teacher_ddim_estimate)
+    from lcm.distill import distance, draw_points, lcd_loss, net_fn, teacher_ddim_estimate
+    from lcm.objectives.base import LoRAConfig
+    from lcm.objectives.lcd_lora import LCDLoRA
+    from models.text import Conditioning
     from lcm.pipeline import Pipeline
     from solvers.ddim import ddim_from_x0_eps, ddim_step
     from solvers.schedule import lcm_grid
@@ -36,13 +38,14 @@ CELLS = [
 
     pipe = Pipeline.from_checkpoint(os.path.join(DEMO, "demo_teacher.safetensors"))
     S, pred_type = pipe.schedule, pipe.prediction_type
-    # The trainer's roles for mode=lcm_lora, continuing from the demo LCM-LoRA (fp32, trainable).
-    roles = build_roles(pipe, "lcm_lora", LoRAConfig(name="lcm", init_from=os.path.join(DEMO, "demo_lcm_lora.safetensors")))
+    # The trainer's networks for objective=lcd_lora, continuing from the demo LCM-LoRA (fp32, trainable).
+    roles = LCDLoRA(LoRAConfig(name="lcm", init_from=os.path.join(DEMO, "demo_lcm_lora.safetensors")))
+    roles.setup(pipe)
     assert roles.student is roles.target is roles.teacher   # one UNet in memory
 
-    student = net_fn(roles.student, None)              # net(x, t, cond, w) -> raw UNet output (no w input)
-    target = net_fn(roles.target, None)                # called under no_grad (mu = 0)
-    _base = net_fn(roles.teacher, None)
+    student = net_fn(roles.student)                    # net(x, t, cond, w) -> raw UNet output (no w input)
+    target = net_fn(roles.target)                      # called under no_grad (mu = 0)
+    _base = net_fn(roles.teacher)
 
 
     def teacher(*args):                                # the same UNet with adapters disabled
@@ -56,12 +59,12 @@ CELLS = [
     the encoded empty prompt (SD1/SD2 and the demo model).
     """),
     code("""
-    pairs = [demo_world.sample(seed=0, index=i, resolution=pipe.default_size) for i in (3, 8)]
+    pairs = [world.sample(seed=0, index=i, resolution=pipe.default_size) for i in (3, 8)]
     x = torch.stack([img for _, img in pairs])                     # (B, 3, H, W) in [-1, 1]
-    captions = [demo_world.caption(a) for a, _ in pairs]
+    captions = [world.caption(a) for a, _ in pairs]
     z = pipe.vae.encode(x).sample(generator=torch.Generator().manual_seed(0)) * pipe.vae_scale
-    cond = UNetCond(pipe.encode_prompt(captions).context)
-    uncond = UNetCond(pipe.encode_prompt([""] * len(captions)).context)
+    cond = Conditioning(pipe.encode_prompt(captions).context)
+    uncond = Conditioning(pipe.encode_prompt([""] * len(captions)).context)
     print(captions, tuple(z.shape))
     """),
     md(r"""
@@ -184,7 +187,7 @@ CELLS = [
     """),
     code("""
     T_NK = 499
-    z1, e1, c1, u1 = z[:1], eps[:1], UNetCond(cond.context[:1]), UNetCond(uncond.context[:1])
+    z1, e1, c1, u1 = z[:1], eps[:1], Conditioning(cond.context[:1]), Conditioning(uncond.context[:1])
     zt = S.add_noise(z1, e1, torch.tensor([T_NK]))
     estimate = teacher_ddim_estimate(teacher, S, pred_type)
     pred1 = f_theta(zt, to_x0(student(zt, torch.tensor([T_NK]), c1, None), zt, T_NK, S, pred_type), T_NK, pipe.spec)
@@ -194,7 +197,7 @@ CELLS = [
         \"\"\"Targets (n, 4, h, w) for n settings of (k, w) from the same z_{t_{n+k}}.\"\"\"
         n = len(k)
         t_nk_, t_n_ = torch.full((n,), T_NK), (T_NK - torch.tensor(k)).clamp(min=0)   # the grid rule of draw_points
-        cn, un = UNetCond(c1.context.expand(n, -1, -1)), UNetCond(u1.context.expand(n, -1, -1))
+        cn, un = Conditioning(c1.context.expand(n, -1, -1)), Conditioning(u1.context.expand(n, -1, -1))
         zn = zt.expand(n, -1, -1, -1)
         zh = estimate(zn, t_nk_, t_n_, z1.expand_as(zn), e1.expand_as(zn), cn, un, torch.tensor(w).float())
         return f_theta(zh, to_x0(target(zh, t_n_, cn, None), zh, t_n_, S, pred_type), t_n_, pipe.spec)

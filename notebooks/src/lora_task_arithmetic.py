@@ -126,12 +126,12 @@ CELLS = [
     style accuracy (fraction of a fixed prompt set recognised as "outlined").
     """),
     code("""
-    from lcm import demo_world
-    from lcm.demo_eval import DemoEvaluator
+    from demo import world
+    from demo.evaluator import DemoEvaluator
 
     evaluator = DemoEvaluator.load(os.path.join(DEMO, "demo_evaluator.safetensors"))
     STYLE = "outlined"
-    PROMPTS = demo_world.fixed_prompt_set(8)
+    PROMPTS = world.fixed_prompt_set(8)
     L1, L2 = [0.0, 0.5, 0.8, 1.0], [0.0, 0.5, 1.0]
 
     cells, accs = [], []

@@ -128,7 +128,7 @@ CELLS = [
 
     Samplers are judged by their output distribution. Here the target is $p_0$, and the distance is
     the Fréchet distance between Gaussians fitted to the samples and $p_0$ (the FID formula,
-    `lcm.demo_eval.frechet_distance`). Two floors appear:
+    `demo.evaluator.frechet_distance`). Two floors appear:
 
     * the **Monte-Carlo floor** (exact samples of $p_0$, same count);
     * the **prior mismatch**: every sampler starts from $\mathcal N(0, I)$, but
@@ -137,7 +137,7 @@ CELLS = [
       right marginal, so multistep LCM sheds most of it.
     """),
     code("""
-    from lcm.demo_eval import FeatureStats, feature_stats, frechet_distance
+    from demo.evaluator import FeatureStats, feature_stats, frechet_distance
 
     N = 16384
     x_T = torch.randn(N, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -200,18 +200,18 @@ CELLS = [
     The teacher samples with DDIM and DPM-Solver++(2M) under CFG with scale $s$ (two UNet passes
     per call: conditional and unconditional, batched). The teacher + LCM-LoRA samples with LCM at
     $s = 1$ (one pass). The demo evaluator scores each setting on a fixed set of prompts
-    ("accuracy": every content attribute of the prompt recognised; see `lcm/demo_eval.py`).
+    ("accuracy": every content attribute of the prompt recognised; see `demo/evaluator.py`).
     """),
     code("""
-    from lcm import demo_world
-    from lcm.demo_eval import DemoEvaluator
+    from demo import world
+    from demo.evaluator import DemoEvaluator
     from lcm.pipeline import Pipeline
 
     pipe = Pipeline.from_checkpoint(os.path.join(DEMO, "demo_teacher.safetensors"))
     evaluator = DemoEvaluator.load(os.path.join(DEMO, "demo_evaluator.safetensors"))
     TEACHER_S = 7.5                                    # usual CFG scale s (LCM's w = s - 1)
     STEPS = [1, 2, 4, 8]
-    PROMPTS = demo_world.fixed_prompt_set(8)
+    PROMPTS = world.fixed_prompt_set(8)
 
     unet_calls = []                                    # (batch, t) of every UNet forward
     log_call = lambda m, args, out: unet_calls.append((args[0].shape[0], args[1].reshape(-1)[0].item()))

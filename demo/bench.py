@@ -1,11 +1,11 @@
 """The demo world's evaluation: the LCM paper's table in miniature, and the style composition.
 
-    python -m lcm.demo_bench                      # writes docs/demo_results.md, docs/demo_*.png
+    python -m demo.bench                      # writes docs/demo_results.md, docs/demo_*.png
 
 Rows: DDIM and DPM-Solver++(2M) on the teacher at its best CFG (2 UNet calls per step), LCM-LoRA
 at guidance 1.0 (1 call per step), at 1, 2, 4, 8 steps; reference: the teacher, DDIM 50 steps at
 its best CFG (chosen among --cfg by overall prompt accuracy). Metrics from the demo evaluator
-(lcm/demo_eval.py): prompt accuracy (all 5 content attributes right) as the CLIP-score stand-in,
+(demo/evaluator.py): prompt accuracy (all 5 content attributes right) as the CLIP-score stand-in,
 Frechet distance of its features against real plain images as the FID stand-in. Every row uses
 the same prompts and the same per-image seeds, so Frechet distances compare at equal sample counts.
 """
@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from lcm.demo_eval import DemoEvaluator, feature_stats, frechet_distance
-from lcm.demo_world import fixed_prompt_set
+from demo.evaluator import DemoEvaluator, feature_stats, frechet_distance
+from demo.world import fixed_prompt_set
 from lcm.pipeline import Pipeline
 
 STEPS = (1, 2, 4, 8)
@@ -134,7 +134,7 @@ def markdown(res: dict, a) -> str:
         lines += ["![LCM-LoRA 4 steps without / with the style LoRA](demo_style.png)", "",
                   "Left: LCM-LoRA alone, 4 steps; right: style LoRA (0.8) + LCM-LoRA (1.0), same prompts and seeds.", ""]
     lines += ["## Reproduce the bundled weights", "", "```bash",
-              *(r.replace("BENCH_ARGS", a.command.removeprefix("python -m lcm.demo_bench ")) for r in REPRODUCE), "```"]
+              *(r.replace("BENCH_ARGS", a.command.removeprefix("python -m demo.bench ")) for r in REPRODUCE), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -142,18 +142,18 @@ REPRODUCE = [
     "export OMP_NUM_THREADS=1      # on a shared 2-core CPU, 2 OpenMP threads ran ~10x slower",
     "# 1. the VAE: crops then whole images, two decoder fine-tunes (first run, outputs/demo), then a",
     "#    decoder fine-tune with lr decay and a whole-VAE fine-tune, both shape-weighted (outputs/demo2)",
-    "python -m lcm.demo_vae --threads 1 --steps 1000 --full-steps 60 --out outputs/demo/vae_long.safetensors --base-out ''",
-    "python -m lcm.demo_vae --threads 1 --from-vae outputs/demo/vae_long.safetensors --decoder-steps 600 --full-steps 0 \\",
+    "python -m demo.vae --threads 1 --steps 1000 --full-steps 60 --out outputs/demo/vae_long.safetensors --base-out ''",
+    "python -m demo.vae --threads 1 --from-vae outputs/demo/vae_long.safetensors --decoder-steps 600 --full-steps 0 \\",
     "    --out outputs/demo/vae_dec.safetensors --base-out ''",
-    "python -m lcm.demo_vae --threads 1 --from-vae outputs/demo/vae_dec.safetensors --decoder-steps 800 \\",
+    "python -m demo.vae --threads 1 --from-vae outputs/demo/vae_dec.safetensors --decoder-steps 800 \\",
     "    --full-steps 150 --fg-weight 4 --decoder-seed 2 --out outputs/demo/vae_dec2.safetensors --base-out ''",
-    "python -m lcm.demo_vae --threads 1 --from-vae outputs/demo/vae_dec2.safetensors --decoder-steps 700 \\",
+    "python -m demo.vae --threads 1 --from-vae outputs/demo/vae_dec2.safetensors --decoder-steps 700 \\",
     "    --full-steps 250 --fg-weight 4 --decoder-seed 3 --decay --out outputs/demo2/vae_dec3.safetensors --base-out ''",
-    "python -m lcm.demo_vae --threads 1 --from-vae outputs/demo2/vae_dec3.safetensors --decoder-steps 500 --encoder \\",
+    "python -m demo.vae --threads 1 --from-vae outputs/demo2/vae_dec3.safetensors --decoder-steps 500 --encoder \\",
     "    --full-steps 200 --fg-weight 4 --decoder-seed 4 --decay --out outputs/demo2/vae_enc4.safetensors --base-out ''",
     "# 2. the text tower pretrained on the captions, and the untrained teacher file",
-    "python -m lcm.demo_text --threads 1 --steps 400 --out outputs/demo2/text.safetensors",
-    "python -m lcm.demo_vae --threads 1 --from-vae outputs/demo2/vae_enc4.safetensors \\",
+    "python -m demo.text --threads 1 --steps 400 --out outputs/demo2/text.safetensors",
+    "python -m demo.vae --threads 1 --from-vae outputs/demo2/vae_enc4.safetensors \\",
     "    --text outputs/demo2/text.safetensors --base-out outputs/demo2/base_init.safetensors",
     "# 3. the teacher (exported = EMA), its LCM-LoRA and the style LoRA",
     "python train.py experiment=demo_teacher hydra.run.dir=outputs/demo2/teacher",
@@ -162,7 +162,7 @@ REPRODUCE = [
     "cp outputs/demo2/lcm_lora/lcm.safetensors assets/demo_lcm_lora.safetensors",
     "python train.py experiment=demo_style hydra.run.dir=outputs/demo2/style",
     "cp outputs/demo2/style/style.safetensors assets/demo_style_lora.safetensors",
-    "python -m lcm.demo_bench BENCH_ARGS",
+    "python -m demo.bench BENCH_ARGS",
 ]
 
 
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     ap.add_argument("--grid", default="docs/demo_grid.png")
     ap.add_argument("--style-grid", default="docs/demo_style.png")
     a = ap.parse_args(argv)
-    a.command = "python -m lcm.demo_bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    a.command = "python -m demo.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(a.threads)
     res = run(a)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -2,8 +2,8 @@
 
 One classification head per attribute, trained on the generator's ground truth; its penultimate
 features give a Frechet distance against real samples (the FID formula, in float64).
-Train the bundled weights: python -m lcm.demo_eval --train --out assets/demo_evaluator.safetensors
-Check them:                python -m lcm.demo_eval --check assets/demo_evaluator.safetensors
+Train the bundled weights: python -m demo.evaluator --train --out assets/demo_evaluator.safetensors
+Check them:                python -m demo.evaluator --check assets/demo_evaluator.safetensors
 """
 
 import argparse
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lcm.demo_world import CONTENT, VOCAB, Attributes, parse_caption, real_batch, sample, world_spec
+from demo.world import CONTENT, VOCAB, Attributes, parse_caption, real_batch, sample, world_spec
 
 #----------------------------------------------------------------------------
 # The network: 4 strided convs (64 -> 4 px), one hidden layer of features, one head per attribute.
@@ -56,7 +56,7 @@ class DemoEvaluator(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
-        """Predicted label index (B,) per attribute (indices into demo_world.VOCAB)."""
+        """Predicted label index (B,) per attribute (indices into demo.world.VOCAB)."""
         outs = [{k: v.argmax(1).cpu() for k, v in self.logits(x)[0].items()}
                 for x in images.split(batch)]
         return {k: torch.cat([o[k] for o in outs]) for k in VOCAB}
@@ -103,8 +103,8 @@ class DemoEvaluator(nn.Module):
             raise ValueError(f"{path} is not a demo evaluator (no config in its metadata)")
         if json.loads(meta["world"]) != json.loads(json.dumps(world_spec())):   # JSON-normalised
             raise ValueError(f"{path} was trained on another version of the demo world "
-                             "(lcm/demo_world.py changed); retrain it with "
-                             "`python -m lcm.demo_eval --train --out PATH`")
+                             "(demo/world.py changed); retrain it with "
+                             "`python -m demo.evaluator --train --out PATH`")
         cfg = json.loads(meta["config"])
         model = cls(cfg["resolution"], tuple(cfg["channels"]), cfg["features"])
         model.load_state_dict(safetensors.torch.load_file(path), strict=True)

@@ -3,12 +3,12 @@
 Full recipe of the bundled weights: docs/demo_results.md. In short:
     # 1. the VAE: random 32x32 crops, then whole images; then shape-weighted fine-tunes of the
     #    decoder (--decoder-steps) and of the whole VAE (--decoder-steps N --encoder)
-    python -m lcm.demo_vae --threads 1 --steps 1000 --full-steps 60 --out outputs/demo/vae_long.safetensors --base-out ""
-    python -m lcm.demo_vae --threads 1 --from-vae VAE --decoder-steps 700 --full-steps 250 --fg-weight 4 \
+    python -m demo.vae --threads 1 --steps 1000 --full-steps 60 --out outputs/demo/vae_long.safetensors --base-out ""
+    python -m demo.vae --threads 1 --from-vae VAE --decoder-steps 700 --full-steps 250 --fg-weight 4 \
         --decay [--encoder] --out NEW_VAE --base-out ""
     # 2. the untrained teacher file: UNet init + this VAE + the caption-pretrained text tower
-    python -m lcm.demo_text --threads 1 --out outputs/demo2/text.safetensors
-    python -m lcm.demo_vae --threads 1 --from-vae NEW_VAE --text outputs/demo2/text.safetensors \
+    python -m demo.text --threads 1 --out outputs/demo2/text.safetensors
+    python -m demo.vae --threads 1 --from-vae NEW_VAE --text outputs/demo2/text.safetensors \
         --base-out outputs/demo2/base_init.safetensors
     # 3. python train.py experiment=demo_teacher (trains the UNet from that file)
     # (--replace-in MODEL writes --base-out as MODEL with its VAE replaced, for decoder-only fine-tunes)
@@ -36,21 +36,15 @@ import time
 import safetensors.torch
 import torch
 
-from lcm.demo_world import sample, world_spec
+from demo.arch import TEACHER_ARCH, VAE_ARCH
+from demo.evaluator import DemoEvaluator
+from demo.text import load_text
+from demo.world import real_batch, sample, world_spec
+from lcm.checkpointing import save_model_file
+from models.checkpoint import VAE_PREFIX
+from models.text import TextConditioner
+from models.unet import UNetModel
 from models.vae import AutoencoderKL
-
-VAE_ARCH = dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, embed_dim=4)   # 4x down
-# The demo teacher (SD-architecture, tiny): UNet on 16x16x4 latents, one frozen text tower.
-# v-prediction (SD2's target): at high t the v loss weighs the x0 error ~1 where the eps loss weighs
-# it abar_t/(1 - abar_t) ~ 0.005, and only there is the background hidden from the UNet: an eps
-# teacher never learnt the background from the text (x0 at t=999 was the same for every background).
-TEACHER_ARCH = dict(
-    family="demo", text_family="sd21", default_size=64, prediction_type="v_prediction",
-    unet=dict(in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1, channel_mult=[1, 2, 2],
-              transformer_depth=[1, 1, 1], transformer_depth_middle=1, num_head_channels=32, context_dim=32,
-              use_linear_in_transformer=True),
-    text=dict(towers=[dict(width=32, layers=2, heads=2, act="gelu", proj_dim=None, pad_token_id=0,
-                           layer="last", final_norm=True)], pooled_from=None))
 
 #----------------------------------------------------------------------------
 
@@ -174,8 +168,6 @@ def set_scale_factor(vae: AutoencoderKL, x: torch.Tensor, extra: str = "") -> No
 @torch.no_grad()
 def reconstruction_accuracy(vae: AutoencoderKL, evaluator_path: str, n: int = 256, seed: int = 7) -> dict:
     """The evaluator's prompt accuracy on D(mean of q(z|x)) of n real plain images: the VAE's cap."""
-    from lcm.demo_eval import DemoEvaluator
-    from lcm.demo_world import real_batch
     x, attrs = real_batch(n, seed)
     rec = torch.cat([vae.decode(vae.encode(xb).mean) for xb in x.split(64)])
     return DemoEvaluator.load(evaluator_path).prompt_accuracy(rec, attrs)
@@ -202,14 +194,10 @@ def load_vae(path: str) -> AutoencoderKL:
 
 def save_base(vae: AutoencoderKL, path: str, seed: int = 0, text_path: str | None = None) -> None:
     """The untrained demo teacher: UNet at LDM init (seeded), this VAE, and the text tower of
-    text_path (lcm.demo_text, pretrained on captions), else a random-init one (seeded)."""
-    from lcm.checkpointing import save_model_file
-    from models.text import TextConditioner
-    from models.unet import UNetModel
+    text_path (demo.text, pretrained on captions), else a random-init one (seeded)."""
     torch.manual_seed(seed)
     unet, text = UNetModel(**TEACHER_ARCH["unet"]), TextConditioner(**TEACHER_ARCH["text"])
     if text_path:
-        from lcm.demo_text import load_text
         text = load_text(text_path)
         assert text.config == TextConditioner(**TEACHER_ARCH["text"]).config, (text.config, TEACHER_ARCH["text"])
     config = dict(family="demo", text_family=TEACHER_ARCH["text_family"], unet=TEACHER_ARCH["unet"],
@@ -220,7 +208,6 @@ def save_base(vae: AutoencoderKL, path: str, seed: int = 0, text_path: str | Non
 
 def replace_vae(model_path: str, vae: AutoencoderKL, out: str) -> None:
     """Copy an original-layout model file with its VAE weights (and VAE config) replaced by vae's."""
-    from models.checkpoint import VAE_PREFIX
     with safetensors.safe_open(model_path, framework="pt") as f:
         meta = dict(f.metadata() or {})
     sd = {k: v for k, v in safetensors.torch.load_file(model_path).items() if not k.startswith(VAE_PREFIX)}
@@ -249,7 +236,7 @@ def main() -> None:
     ap.add_argument("--replace-in", default=None,
                     help="write --base-out as this model file with its VAE replaced (e.g. the trained teacher)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--text", default=None, help="--base-out's text tower: this lcm.demo_text file (else random)")
+    ap.add_argument("--text", default=None, help="--base-out's text tower: this demo.text file (else random)")
     ap.add_argument("--from-vae", default=None, help="start from this VAE file instead of training one")
     ap.add_argument("--decoder-steps", type=int, default=0,
                     help="with --from-vae: fine-tune the decoder (with --encoder: the whole VAE) this many steps, write --out")

@@ -4,15 +4,15 @@ SD's UNet reads a text encoder that CLIP pretraining taught to tell "a red circl
 background" from "a blue circle on a red background". A frozen random tower cannot (the UNet of the
 first demo teacher learnt shape and background near chance), so the demo tower gets a stand-in
 for that pretraining: linear heads predict each content attribute of the caption (ground truth
-from demo_world.parse_caption) from the features the UNet will see, i.e. ln_final of the last
-block (layer "last", final_norm, as TEACHER_ARCH says), at every position from EOT on. Under the
-causal mask those positions have read the whole caption, so every one of them names all five
-attributes; the UNet's cross-attention can read any of them.
+from demo.world.parse_caption) from the features the UNet will see, i.e. ln_final of the last
+block (layer "last", final_norm, as demo.arch.TEACHER_ARCH says), at every position from EOT on.
+Under the causal mask those positions have read the whole caption, so every one of them names all
+five attributes; the UNet's cross-attention can read any of them.
 
     L = mean over positions p >= EOT and attributes a of CE(W_a h_p + b_a, label_a)
 
-    python -m lcm.demo_text --threads 1 --out outputs/demo2/text.safetensors     # ~1 min on 1 core
-The heads are dropped; the tower is then frozen inside the teacher (lcm.demo_vae --text PATH).
+    python -m demo.text --threads 1 --out outputs/demo2/text.safetensors     # ~1 min on 1 core
+The heads are dropped; the tower is then frozen inside the teacher (demo.vae --text PATH).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcm.demo_world import CONTENT, VOCAB, fixed_prompt_set, parse_caption, world_spec
+from demo.arch import TEACHER_ARCH
+from demo.world import CONTENT, VOCAB, fixed_prompt_set, parse_caption, world_spec
 from models.text import TextConditioner, tokenize
 
 N_CAPTIONS = 920                                   # every valid content caption of the world
@@ -111,7 +112,6 @@ def load_text(path: str) -> TextConditioner:
 
 
 def main() -> None:
-    from lcm.demo_vae import TEACHER_ARCH
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="outputs/demo2/text.safetensors")
     ap.add_argument("--steps", type=int, default=400)

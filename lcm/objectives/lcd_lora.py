@@ -1,0 +1,26 @@
+"""LCM-LoRA: latent consistency distillation into a LoRA (LCM-LoRA report, Algorithm 1).
+
+teacher = the pipeline's UNet with its adapters off (one UNet in memory), student = the same UNet
+with the trainable LoRA, target = the student under no_grad (mu = 0, the reference scripts) or, with
+ema_decay = mu, base + an EMA copy of the LoRA (a second frozen adapter; what is then exported).
+z_hat_{t_n} is one guided DDIM step of the teacher (docs/method.md Sec. 3, line 6).
+"""
+from __future__ import annotations
+
+from lcm.distill import teacher_ddim_estimate
+from lcm.objectives.base import ConsistencyObjective
+
+
+class LCDLoRA(ConsistencyObjective):
+    def __init__(self, lora=None, ema_decay: float | None = None, **kw):
+        super().__init__(lora, ema_decay, **kw)
+        if self.lora is None:
+            raise ValueError("objective=lcd_lora needs a LoRA (objective.lora: {rank: .., alpha: ..}); "
+                             "use objective=lcd to distil a full LCM")
+
+    def setup(self, pipe) -> None:
+        self.setup_spec(pipe)
+        self._setup_lora(pipe, ema=self.ema_decay is not None)
+
+    def estimate(self, schedule):
+        return teacher_ddim_estimate(self.teacher_net(), schedule, self.pipe.prediction_type)

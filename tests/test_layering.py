@@ -1,0 +1,49 @@
+"""Package layering: the core packages (lcm/, models/, solvers/) import neither the demo world
+(demo/) nor the test-only oracles (diffusers, transformers, peft). Read from the source with `ast`,
+so an import inside a function or under `if TYPE_CHECKING` counts too."""
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CORE = ("lcm", "models", "solvers")
+FORBIDDEN = ("demo", "diffusers", "transformers", "peft")
+
+#----------------------------------------------------------------------------
+
+
+def imported_modules(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import statement in a Python file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            out.append((node.lineno, str(node.args[0].value)))          # importlib.import_module("x")
+    return out
+
+
+def core_files() -> list[pathlib.Path]:
+    files = sorted(p for pkg in CORE for p in (ROOT / pkg).rglob("*.py"))
+    assert files, f"no Python files under {CORE}"
+    return files
+
+
+def test_finds_imports(tmp_path):
+    """The parser sees top-level, nested and importlib imports (relative ones stay inside a package)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import a.b\nfrom c import d\ndef f():\n    import demo.world\n"
+                     "importlib.import_module('peft')\nfrom . import x\n")
+    assert sorted(m for _, m in imported_modules(probe)) == ["a.b", "c", "demo.world", "peft"]
+
+
+@pytest.mark.parametrize("path", core_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_does_not_import_demo_or_oracles(path):
+    bad = [f"{path.relative_to(ROOT)}:{line}: {name}" for line, name in imported_modules(path)
+           if name.split(".")[0] in FORBIDDEN]
+    assert not bad, "core modules must not import " + ", ".join(FORBIDDEN) + ":\n" + "\n".join(bad)
