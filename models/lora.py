@@ -1,14 +1,16 @@
 """Hand-written LoRA: LoRALinear / LoRAConv2d, injection, runtime scales, exact fuse / unfuse.
 
-PAPER.md Sec. 5-6. Adapter i of a layer adds  scale_i * (alpha_i / r_i) * B_i A_i  to W0.
+docs/method.md Sec. 5-6. Adapter i of a layer adds  scale_i * (alpha_i / r_i) * B_i A_i  to W0.
 
-Design: the wrappers *subclass* nn.Linear / nn.Conv2d (and any custom subclass the model uses, so
-its forward still computes the base part) and take over the base's own `weight` and `bias`
-Parameters, so a wrapped model has the same base keys (`...proj_in.weight`) as a plain one and
-`isinstance(m, nn.Linear)` still holds. Adapters add keys `<module>.lora_down.<name>.weight` and
-`<module>.lora_up.<name>.weight`; load base checkpoints before injecting, or filter with
-`is_lora_key`. Fusing swaps `weight.data` for W0 + sum_i delta_i and keeps the W0 tensor itself
-(non-persistent buffer `w0`), so unfusing restores it bit-for-bit (costs one weight copy per layer).
+Design: the wrappers are plain subclasses of nn.Linear / nn.Conv2d (through storage.StoredLinear /
+StoredConv2d, so frozen storage needs no second class) that take over the base's own `weight` and
+`bias` Parameters, so a wrapped model has the same base keys (`...proj_in.weight`) as a plain one
+and `isinstance(m, nn.Linear)` still holds. A custom layer class of models/ (the UNet's fast-path
+Conv2d) has its own static wrapper deriving from both, so its forward still computes the base part.
+Adapters add keys `<module>.lora_down.<name>.weight` and `<module>.lora_up.<name>.weight`; load
+base checkpoints before injecting, or filter with `is_lora_key`. Fusing swaps `weight.data` for
+W0 + sum_i delta_i and keeps the W0 tensor itself (non-persistent buffer `w0`), so unfusing
+restores it bit-for-bit (costs one weight copy per layer).
 
 Text towers (open_clip: nn.MultiheadAttention with a fused in_proj_weight) cannot be wrapped, so
 their LoRAs are `LoRAParamDelta`s: always-applied deltas on rows of a weight, inference only.
@@ -21,7 +23,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-# The 14 module kinds of the released LCM-LoRA, on original LDM/SGM names (PAPER.md Sec. 5).
+from models.storage import StoredConv2d, StoredLinear, adopt_layer, stored_base, take_over
+from models.unet import Conv2d as UNetConv2d
+
+# The 14 module kinds of the released LCM-LoRA, on original LDM/SGM names (docs/method.md Sec. 5).
 LCM_LORA_TARGETS = (
     r"attn[12]\.to_[qkv]", r"attn[12]\.to_out\.0",                     # attention
     r"proj_in", r"proj_out", r"ff\.net\.0\.proj", r"ff\.net\.2",        # transformer io, feed-forward
@@ -113,23 +118,15 @@ class _LoRAMixin:
         return super().extra_repr() + f", lora=[{ads}]" + (", fused" if self.fused else "")
 
 #----------------------------------------------------------------------------
-# The two wrappers. Both share the base's Parameters (same state-dict keys, no copy).
+# The wrappers: one static class per layer class of the models. Each shares the base's Parameters
+# (same state-dict keys, no copy) and computes the base part with the base class's own forward.
 
 
-def _take_over(new: nn.Module, base: nn.Module) -> None:
-    """Give `new` the base's plain attributes (sizes, kernel, training flag) and its Parameters."""
-    nn.Module.__init__(new)
-    for k, v in vars(base).items():
-        if not k.startswith("_") or k == "_reversed_padding_repeated_twice":
-            setattr(new, k, v)
-    new.weight, new.bias = base.weight, base.bias
-
-
-class LoRALinear(_LoRAMixin, nn.Linear):
+class LoRALinear(_LoRAMixin, StoredLinear):
     """nn.Linear + named adapters: y = W0 x + b + sum_i s_i (alpha_i/r_i) B_i A_i x."""
 
     def __init__(self, base: nn.Linear):
-        _take_over(self, base)
+        adopt_layer(self, base)
         self._lora_setup()
 
     def _make_pair(self, r: int, kw: dict) -> tuple[nn.Module, nn.Module]:
@@ -140,14 +137,14 @@ class LoRALinear(_LoRAMixin, nn.Linear):
         return self._add_lora(x, super().forward(x))             # the base class's own forward
 
 
-class LoRAConv2d(_LoRAMixin, nn.Conv2d):
+class LoRAConv2d(_LoRAMixin, StoredConv2d):
     """nn.Conv2d + adapters: A is a conv with the base kernel/stride/padding/dilation, B is 1x1."""
 
     def __init__(self, base: nn.Conv2d):
         if base.groups != 1 or base.padding_mode != "zeros":
             raise ValueError(f"LoRA supports plain convs only (groups={base.groups}, "
                              f"padding_mode={base.padding_mode!r})")
-        _take_over(self, base)
+        adopt_layer(self, base)
         self._lora_setup()
 
     def _make_pair(self, r: int, kw: dict) -> tuple[nn.Module, nn.Module]:
@@ -156,26 +153,29 @@ class LoRAConv2d(_LoRAMixin, nn.Conv2d):
         return down, nn.Conv2d(r, self.out_channels, 1, bias=False, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_lora(x, super().forward(x))
+        return self._add_lora(x, super().forward(x))             # next in the MRO: a custom conv's forward
 
 
-def _base_class(cls: type) -> type:
-    """The wrapped layer's original class (first non-LoRA class in the MRO)."""
-    return next(c for c in cls.__mro__ if not issubclass(c, _LoRAMixin))
+class LoRAUNetConv2d(LoRAConv2d, UNetConv2d):
+    """LoRAConv2d on the UNet's Conv2d: the base part keeps its CPU fast path. The storage cast
+    sits in _conv_forward, below every forward, whatever the MRO order of the two bases."""
 
 
-_WRAPPERS: dict[type, type] = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d}
+# Layer class -> its wrapper. Another nn.Linear / nn.Conv2d subclass needs its own two-line class
+# (as LoRAUNetConv2d) here: wrapping it as a plain LoRALinear would silently drop its forward.
+_WRAPPERS: dict[type, type] = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d, UNetConv2d: LoRAUNetConv2d}
+_BASES: dict[type, type] = {w: base for base, w in _WRAPPERS.items()}
 
 
 def _wrapper_class(cls: type) -> type:
-    """LoRALinear / LoRAConv2d, or a subclass that also derives from a custom Linear/Conv2d subclass
-    (e.g. a conv with a CPU fast path) so the base part still runs that class's forward."""
-    if cls not in _WRAPPERS:
-        root = LoRALinear if issubclass(cls, nn.Linear) else LoRAConv2d
-        qual = f"_LoRA_{cls.__module__}_{cls.__qualname__}".replace(".", "_")
-        _WRAPPERS[cls] = globals()[qual] = type(f"LoRA{cls.__name__}", (root, cls),
-                                                {"__module__": __name__, "__qualname__": qual})
-    return _WRAPPERS[cls]                         # registered in this module, so it pickles
+    """The wrapper of a layer class (a frozen-storage twin wraps as the class it was made from)."""
+    base = stored_base(cls)
+    if base not in _WRAPPERS:
+        raise TypeError(f"LoRA wraps {', '.join(c.__module__ + '.' + c.__qualname__ for c in _WRAPPERS)}; "
+                        f"{cls.__module__}.{cls.__qualname__} is another subclass: add "
+                        f"`class LoRA{cls.__name__}(LoRA{'Linear' if issubclass(cls, nn.Linear) else 'Conv2d'}, "
+                        f"{cls.__name__})` to models/lora.py's _WRAPPERS")
+    return _WRAPPERS[base]
 
 #----------------------------------------------------------------------------
 # Weight-row deltas for modules that cannot be wrapped (open_clip text towers). Always applied:
@@ -336,11 +336,10 @@ def remove_lora(model: nn.Module, name: str) -> None:
 
 
 def _unwrap(m: _LoRAMixin) -> nn.Module:
-    """The original-class Linear/Conv2d holding the wrapper's (unfused) weight and bias Parameters."""
+    """The original-class Linear/Conv2d holding the wrapper's (unfused) weight and bias Parameters.
+    After store_frozen it keeps the storage dtype: call store_frozen again to compute in another."""
     m.unfuse()
-    cls = _base_class(type(m))
-    base = cls.__new__(cls)
-    _take_over(base, m)
+    base = take_over(_BASES[type(m)], m)
     for k in ("lora_alpha", "lora_scale", "lora_enabled", "fused"):
         delattr(base, k)
     return base

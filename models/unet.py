@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.storage import cast_weight
+from models.storage import StoredConv2d, cast_weight
 
 GROUPS = 32                                # GroupNorm groups everywhere in SD (LDM `normalization`)
 GEMM_CONV_MAX_ROWS = 256                   # CPU: 3x3 convs with batch*H_out*W_out <= this run as one GEMM
@@ -26,8 +26,9 @@ GEMM_CONV_MAX_ROWS = 256                   # CPU: 3x3 convs with batch*H_out*W_o
 # whole weight on every call and is weight-bandwidth bound; unfold + one batched GEMM on the
 # (C_out, C_in*9) weight view is 1.2-1.9x faster there (fp32, inference). Same module, same names.
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (3x3 or any); fp32 CPU inference of small 3x3 outputs goes through unfold + GEMM."""
+class Conv2d(StoredConv2d):
+    """nn.Conv2d (3x3 or any; cast-aware for frozen fp16/bf16 storage, models/storage.py); fp32 CPU
+    inference of small 3x3 outputs goes through unfold + GEMM."""
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32 or self.kernel_size != (3, 3) or torch.is_grad_enabled():
             return super().forward(x)

@@ -13,7 +13,7 @@ from models.lora import (LoRAConv2d, LoRALinear, adapters_disabled, count_lora_p
 from models.lora_io import export_lora, load_lora, parse_key, read_lora_file, save_lora, unet_candidates
 from models.unet import UNET_PRESETS, UNetModel, infer_unet_config
 
-# The released LCM-LoRA's 14 target kinds, as diffusers/peft name them (PAPER.md Sec. 5).
+# The released LCM-LoRA's 14 target kinds, as diffusers/peft name them (docs/method.md Sec. 5).
 DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                      "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
@@ -38,7 +38,7 @@ def toy(dtype=torch.float32) -> nn.Module:
 
 
 def merged(layer, scales: dict) -> torch.Tensor:
-    """W0 + sum_i s_i (alpha_i / r_i) B_i A_i written out directly (PAPER.md Sec. 6, Eq. 3)."""
+    """W0 + sum_i s_i (alpha_i / r_i) B_i A_i written out directly (docs/method.md Sec. 6, report Eq. 3)."""
     W = layer.weight.detach().float().clone()
     for n, s in scales.items():
         A, B = layer.lora_down[n].weight.float(), layer.lora_up[n].weight.float()
@@ -149,6 +149,46 @@ def test_custom_conv_subclass_keeps_its_forward_and_class():
                                    rtol=0, atol=1e-5)
     remove_lora(m, "a")
     assert type(m[0]) is Conv2d and not hasattr(m[0], "lora_alpha")
+
+def test_wrappers_are_static_classes_that_pickle_and_deepcopy():
+    """Injection builds no class: every wrapper is a module-level class of models.lora (pickle finds
+    it by name); a deep copy (the trainer's EMA target) is independent and unfuses bit-exactly."""
+    import copy
+    import io
+
+    import models.lora as lora_mod
+    names = set(vars(lora_mod))
+    unet = tiny_with_lora(SD1_TINY)
+    m = toy()
+    assert set(vars(lora_mod)) == names                          # nothing registered at run time
+    kinds = {type(layer) for net in (unet, m) for _, layer in lora_layers(net)}
+    assert kinds == {LoRALinear, LoRAConv2d, lora_mod.LoRAUNetConv2d}
+    assert all(getattr(lora_mod, k.__qualname__) is k and k.__module__ == "models.lora" for k in kinds)
+    x = torch.randn(3, 16)
+    fuse_lora(m)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded, twin = torch.load(buf, weights_only=False), copy.deepcopy(m)
+    for c in (loaded, twin):
+        assert list(c.state_dict()) == list(m.state_dict()) and c["lin"].fused
+        assert torch.equal(c["lin"](x), m["lin"](x))
+    with torch.no_grad():
+        twin["lin"].lora_up["a"].weight.add_(1.0)                # the copy owns its adapters
+    twin["lin"].fuse()                                           # re-fuse from the copy's own W0
+    assert not torch.equal(twin["lin"].weight, m["lin"].weight)
+    unfuse_lora(m), unfuse_lora(twin), unfuse_lora(loaded)
+    assert torch.equal(twin["lin"].weight, m["lin"].weight) and torch.equal(loaded["conv"].weight, m["conv"].weight)
+
+
+def test_an_unknown_layer_subclass_is_refused_with_the_fix():
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x).relu()
+    m = nn.Sequential(MyLinear(4, 4))
+    with pytest.raises(TypeError, match=r"class LoRAMyLinear\(LoRALinear, MyLinear\)"):
+        inject_lora(m, "a", rank=2, alpha=2, targets=("0",))
+    assert type(m[0]) is MyLinear
 
 #----------------------------------------------------------------------------
 # Full-size topologies on the meta device.
