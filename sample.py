@@ -88,6 +88,10 @@ def run(cfg: DictConfig) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     prompts = [p for p in prompts for _ in range(int(cfg.images_per_prompt))]
     pipe = build_pipeline(cfg)
+    if "lcm" in (cfg.grid or {}).get("solvers", [cfg.solver.name]):
+        sp = pipe.spec                               # the active LCM-style adapter's, else the model's own
+        log.info("LCM spec: %d-point grid (k = %d), sigma_data %g, timestep_scaling %g", sp.num_ddim_timesteps,
+                 pipe.schedule.T // sp.num_ddim_timesteps, sp.sigma_data, sp.timestep_scaling)
     grid = cfg.grid or {"solvers": [cfg.solver.name], "steps": [cfg.steps]}
     init = None
     if cfg.init_image is not None:

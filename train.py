@@ -87,6 +87,20 @@ def train_config(train: dict):
     return TrainConfig(**{f.name: train[f.name] for f in fields(TrainConfig) if f.name in train})
 
 
+def sweep_name() -> str | None:
+    """The sweep folder's name in a Hydra multirun (e.g. outputs/sweep/psi_k -> psi_k), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    hc = HydraConfig.get()
+    return os.path.basename(os.path.normpath(hc.sweep.dir)) if hc.mode == RunMode.MULTIRUN else None
+
+
+def overrides() -> list[str]:
+    """This job's command-line overrides (logged as config, so a sweep's runs say what differs)."""
+    from hydra.core.hydra_config import HydraConfig
+    return list(HydraConfig.get().overrides.task)
+
+
 def instantiate(node):
     """hydra.utils.instantiate, with a constructor's own error (e.g. a bad train.loss) raised as is."""
     from hydra.errors import InstantiationException
@@ -110,6 +124,10 @@ def run(cfg: DictConfig) -> dict:
     data = instantiate(cfg.data)
     tcfg = train_config(config["train"])
     logger = instantiate(cfg.logger)
+    sweep = sweep_name()
+    if sweep and logger.group is None:                    # a multirun: its jobs are one wandb group
+        logger.group = sweep
+    config["overrides"] = overrides()
     if tcfg.val_prompts is None and config["model"].get("prompts"):
         tcfg.val_prompts = list(config["model"]["prompts"])
     result = train(pipe, data, tcfg, run_dir, objective, logger, cfg.resume, config, dist,

@@ -1,17 +1,19 @@
-"""The demo world's ablation: LCM-LoRA quality vs the skipping step k and the LoRA rank (a plot).
+"""The demo world's ablations: LCM-LoRA quality vs the teacher solver Psi, the skipping step k, the
+guidance range and the LoRA rank, as a table and the LCM paper's figure form.
 
-    # the sweeps (Hydra multirun, one run dir per job; ~2.5 CPU-minutes per job)
-    # (as recorded: 100 steps, target = the student (mu = 0), the session-2 demo recipe)
-    python train.py -m experiment=demo_lcm_lora train.max_steps=100 train.lora_ema_decay=null \
-        train.k=1,5,10,20,50 hydra.sweep.dir=outputs/sweep/k
-    python train.py -m experiment=demo_lcm_lora train.max_steps=100 train.lora_ema_decay=null \
-        objective.lora.rank=4,64 'objective.lora.alpha=${objective.lora.rank}' hydra.sweep.dir=outputs/sweep/rank
-    # evaluate every run's LoRA at 1, 2, 4 LCM steps; writes docs/demo_sweep.{json,md,png}
-    python -m demo.sweep outputs/sweep/k outputs/sweep/rank
+    # train (Hydra multiruns, one run dir per job; commands and wall time in docs/demo_sweep.md)
+    python train.py -m experiment=demo_lcm_lora train.max_steps=200 train.checkpoint_every=50 \
+        train.teacher_solver=ddim,dpmsolver,dpmsolver++ train.k=1,5,10,20,50 \
+        hydra.sweep.dir=outputs/sweep/psi_k 'hydra.sweep.subdir="psi_${train.teacher_solver}_k${train.k}"'
+    # evaluate every finished run (its checkpoints at 4 LCM steps, its final LoRA at 1/2/4/8 steps),
+    # writing <run>/eval.json (runs already evaluated are skipped), then build the report
+    python -m demo.sweep evaluate outputs/sweep/psi_k outputs/sweep/w outputs/sweep/rank
+    python -m demo.sweep report outputs/sweep/psi_k outputs/sweep/w outputs/sweep/rank   # docs/demo_sweep.*
 
-Each job reads its k and rank from its config.json; the metrics are demo.bench's (prompt
-accuracy, Frechet distance of evaluator features against real images), on the same prompts and
-per-image seeds for every run. The plot needs matplotlib (installed by requirements-test.txt).
+`report` retrains and re-evaluates nothing: it reads each run's config.json, eval.json and
+metrics.jsonl. Every LoRA is sampled on its own grid (the `lcm.spec` its file carries). The
+metrics are demo.bench's (prompt accuracy, Frechet distance of evaluator features against real
+images) on the same prompts and per-image seeds for every run. The plot needs matplotlib.
 """
 from __future__ import annotations
 
@@ -19,18 +21,22 @@ import argparse
 import glob
 import json
 import os
+import time
 
 import torch
 
-from demo.bench import generate, score
-from demo.evaluator import DemoEvaluator
-from demo.world import fixed_prompt_set
-from lcm.pipeline import Pipeline
-from models.lora import remove_lora
-
-STEPS = (1, 2, 4)
+STEPS = (1, 2, 4, 8)
+CURVE_STEPS = 4                                 # the paper's figure: 4-step sampling vs training iterations
+SOLVER_NAMES = {"ddim": "DDIM", "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM-Solver++"}
 
 #----------------------------------------------------------------------------
+# Finding runs.
+
+
+def _lora(cfg: dict) -> dict:
+    """The trained LoRA's config of a run's config.json (objective.lora; runs before the objective
+    group kept it at the top level as `lora`)."""
+    return (cfg.get("objective") or {}).get("lora") or cfg["lora"]
 
 
 def runs_in(folders: list[str]) -> list[dict]:
@@ -45,107 +51,167 @@ def runs_in(folders: list[str]) -> list[dict]:
                 continue
             with open(cfg_path) as f:
                 cfg = json.load(f)
-            out.append(dict(run=run, lora=lora, k=cfg["train"]["k"], rank=_lora(cfg)["rank"],
-                            alpha=_lora(cfg)["alpha"], steps_trained=cfg["train"]["max_steps"]))
+            t = cfg["train"]
+            out.append(dict(run=run, sweep=os.path.basename(os.path.normpath(folder)), lora=lora, k=t["k"],
+                            psi=t.get("teacher_solver", "ddim"), w=(t["w_min"], t["w_max"]),
+                            mu=t.get("lora_ema_decay"), rank=_lora(cfg)["rank"], alpha=_lora(cfg)["alpha"],
+                            steps_trained=t["max_steps"]))
     return out
 
 
-def evaluate(runs: list[dict], teacher: str, evaluator: str, n: int, seed: int) -> list[dict]:
+def checkpoints(run: str) -> list[tuple[int, str]]:
+    """(training step, LoRA file) of every kept checkpoint of a run."""
+    found = []
+    for d in glob.glob(os.path.join(run, "checkpoints", "step_*")):
+        f = os.path.join(d, "lcm.safetensors")
+        if os.path.exists(f):
+            found.append((int(os.path.basename(d).split("_")[1]), f))
+    return sorted(found)
+
+#----------------------------------------------------------------------------
+# Evaluating (writes <run>/eval.json).
+
+
+def evaluate(runs: list[dict], teacher: str, evaluator: str, n: int, seed: int, force: bool = False) -> None:
+    from demo.bench import generate, score
+    from demo.evaluator import DemoEvaluator
+    from demo.world import fixed_prompt_set
+    from lcm.checkpointing import log_summary
+    from lcm.pipeline import Pipeline
+    from models.lora import remove_lora
     ev = DemoEvaluator.load(evaluator)
     ref = ev.reference_stats(2048, seed=1, style="plain")
     prompts = fixed_prompt_set(n, seed=0)
     pipe = Pipeline.from_checkpoint(teacher)
-    for r in runs:
-        pipe.load_lora(r["lora"], name="lcm")
-        r["metrics"] = {}
-        for steps in STEPS:
+
+    def metrics(lora: str, steps_list) -> dict:
+        pipe.load_lora(lora, name="lcm")                 # its own spec (grid) comes with the file
+        out = {"num_ddim_timesteps": pipe.spec.num_ddim_timesteps}
+        for steps in steps_list:
             images, _ = generate(pipe, prompts, seed, steps=steps, guidance_scale=1.0, solver="lcm")
             m = score(ev, images, prompts, ref)
-            r["metrics"][steps] = dict(acc=m["acc"], fd=m["fd"])
-            print(f"k={r['k']:>2} rank={r['rank']:>2} {steps} steps: acc {m['acc']:.3f} fd {m['fd']:.1f}", flush=True)
+            out[str(steps)] = dict(acc=m["acc"], fd=m["fd"])
         remove_lora(pipe.unet, "lcm")
-    return runs
+        pipe.adapter_specs.pop("lcm", None)
+        return out
+
+    for r in runs:
+        path = os.path.join(r["run"], "eval.json")
+        if os.path.exists(path) and not force:
+            continue
+        t0 = time.perf_counter()
+        final = metrics(r["lora"], STEPS)
+        curve = {str(step): metrics(f, (CURVE_STEPS,))[str(CURVE_STEPS)] for step, f in checkpoints(r["run"])}
+        curve[str(r["steps_trained"])] = final[str(CURVE_STEPS)]
+        res = dict(n_prompts=n, seed=seed, final=final, curve=curve, seconds=time.perf_counter() - t0)
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(path + ".tmp", path)
+        summary = {f"eval/{key}_{s}steps": final[str(s)][key] for s in STEPS for key in ("acc", "fd")}
+        log_summary(r["run"], summary)                   # the run's wandb summary, if it logged to wandb
+        print(f"{r['run']}: " + " ".join(f"{s} st. {100 * final[str(s)]['acc']:.1f}%/{final[str(s)]['fd']:.0f}"
+                                         for s in STEPS), flush=True)
+
+#----------------------------------------------------------------------------
+# Reporting (from the run dirs only).
 
 
-def plot(runs: list[dict], path: str, k_rank: int, k_fixed: int) -> None:
+def load_results(runs: list[dict]) -> list[dict]:
+    """Runs with their eval.json and the wall time of training (from metrics.jsonl) attached."""
+    out = []
+    for r in runs:
+        path = os.path.join(r["run"], "eval.json")
+        if not os.path.exists(path):
+            print(f"not evaluated yet (run `python -m demo.sweep evaluate`): {r['run']}")
+            continue
+        with open(path) as f:
+            r = dict(r, **json.load(f))
+        r["metrics"] = {int(s): m for s, m in r["final"].items() if s.isdigit()}
+        out.append(r)
+    return out
+
+
+def plot(runs: list[dict], path: str) -> None:
+    """The paper's figure form: 4-step metric vs training step, one line per k, one panel per Psi."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), sharey="row")
-    sweeps = [("skipping step k", "k", [r for r in runs if r["rank"] == k_rank]),
-              (f"LoRA rank (alpha = rank; k = {k_fixed})", "rank", [r for r in runs if r["k"] == k_fixed])]
-    for col, (title, key, rs) in enumerate(sweeps):
-        rs = sorted({r[key]: r for r in rs}.values(), key=lambda r: r[key])
-        xs = [r[key] for r in rs]
-        for steps in STEPS:
-            axes[0, col].plot(xs, [100 * r["metrics"][steps]["acc"] for r in rs], "o-", label=f"{steps} steps")
-            axes[1, col].plot(xs, [r["metrics"][steps]["fd"] for r in rs], "o-", label=f"{steps} steps")
-        for ax in axes[:, col]:
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            ax.set_xticks(xs, [str(x) for x in xs])
-            ax.grid(alpha=0.3)
+    grid = [r for r in runs if r["sweep"] == "psi_k"] or runs
+    solvers = [s for s in SOLVER_NAMES if any(r["psi"] == s for r in grid)]
+    fig, axes = plt.subplots(2, len(solvers), figsize=(4 * len(solvers), 6.5), sharey="row", squeeze=False)
+    for col, psi in enumerate(solvers):
+        for r in sorted((r for r in grid if r["psi"] == psi), key=lambda r: r["k"]):
+            xs = sorted(int(s) for s in r["curve"])
+            axes[0, col].plot(xs, [100 * r["curve"][str(x)]["acc"] for x in xs], "o-", label=f"k = {r['k']}")
+            axes[1, col].plot(xs, [r["curve"][str(x)]["fd"] for x in xs], "o-", label=f"k = {r['k']}")
+        axes[0, col].set_title(f"teacher solver: {SOLVER_NAMES[psi]}")
+        axes[1, col].set_xlabel("training step")
         axes[1, col].set_yscale("log")
-        axes[1, col].set_xlabel(title)
-    axes[0, 0].set_ylabel("prompt accuracy (%)")
-    axes[1, 0].set_ylabel("Frechet distance (log; lower is better)")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel(f"prompt accuracy, {CURVE_STEPS} steps (%)")
+    axes[1, 0].set_ylabel(f"Frechet distance, {CURVE_STEPS} steps (log)")
     axes[0, 0].legend()
-    fig.suptitle("Demo world: LCM-LoRA (guidance 1.0) vs skipping step k and LoRA rank")
+    fig.suptitle("Demo world: LCM-LoRA (EMA target, guidance 1.0) vs training step, per skipping step k and Psi")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def markdown(runs: list[dict], cmd: str) -> str:
-    lines = ["# Demo world: LCM-LoRA vs skipping step k and LoRA rank", "",
-             "Runs: `python train.py -m experiment=demo_lcm_lora train.max_steps=100 train.lora_ema_decay=null train.k=1,5,10,20,50 hydra.sweep.dir=outputs/sweep/k` "
-             "and `python train.py -m experiment=demo_lcm_lora train.max_steps=100 train.lora_ema_decay=null objective.lora.rank=4,64 'objective.lora.alpha=${objective.lora.rank}' "
-             "hydra.sweep.dir=outputs/sweep/rank` (100 steps with the reference target mu = 0: the k = 20, rank 16 point is the first bundled LoRA; the bundled one now trains 600 steps with an EMA target, see demo_results.md); "
-             f"evaluated by `{cmd}` (64 prompts, the same per-image seeds for every run; Frechet distances "
-             "at 64 samples sit higher than docs/demo_results.md's at 128).", "",
-             "| k | rank | alpha | train steps | " + " | ".join(f"acc {s} st." for s in STEPS) + " | "
-             + " | ".join(f"FD {s} st." for s in STEPS) + " |",
-             "|---:|---:|---:|---:|" + "---:|" * (2 * len(STEPS))]
-    for r in sorted(runs, key=lambda r: (r["rank"], r["k"])):
+def markdown(runs: list[dict], header: str) -> str:
+    cols = ("sweep", "Psi", "k", "w range", "rank", "train steps")
+    lines = [header, "", "| " + " | ".join(cols) + " | " + " | ".join(f"acc {s} st." for s in STEPS) + " | "
+             + " | ".join(f"FD {s} st." for s in STEPS) + " |", "|" + "---|" * 2 + "---:|" * (len(cols) - 2 + 2 * len(STEPS))]
+    order = {"psi_k": 0, "w": 1, "rank": 2}
+    for r in sorted(runs, key=lambda r: (order.get(r["sweep"], 3), list(SOLVER_NAMES).index(r["psi"]), r["k"],
+                                          r["w"], r["rank"])):
         m = r["metrics"]
-        lines.append(f"| {r['k']} | {r['rank']} | {r['alpha']} | {r['steps_trained']} | "
+        lines.append(f"| {r['sweep']} | {SOLVER_NAMES[r['psi']]} | {r['k']} | [{r['w'][0]:g}, {r['w'][1]:g}] | "
+                     f"{r['rank']} | {r['steps_trained']} | "
                      + " | ".join(f"{100 * m[s]['acc']:.1f}%" for s in STEPS) + " | "
                      + " | ".join(f"{m[s]['fd']:.1f}" for s in STEPS) + " |")
-    return "\n".join(lines + ["", "![k and rank sweep](demo_sweep.png)", ""])
+    return "\n".join(lines)
+
+
+def report(sweeps: list[str], out: str, header_file: str | None = None) -> list[dict]:
+    runs = load_results(runs_in(sweeps))
+    if not runs:
+        raise SystemExit(f"no evaluated runs under {sweeps}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(runs, f, indent=1)
+    header = "# Demo world: LCM-LoRA ablations"
+    if header_file and os.path.exists(header_file):
+        with open(header_file) as f:
+            header = f.read().rstrip()
+    with open(out + ".md", "w") as f:
+        f.write(markdown(runs, header) + f"\n\n![Psi x k sweep]({os.path.basename(out)}.png)\n")
+    plot(runs, out + ".png")
+    print(out + ".md", out + ".png")
+    return runs
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=("evaluate", "report"))
     ap.add_argument("sweeps", nargs="+", help="Hydra sweep folders (their job dirs hold config.json + lcm.safetensors)")
     ap.add_argument("--teacher", default="assets/demo_teacher.safetensors")
     ap.add_argument("--evaluator", default="assets/demo_evaluator.safetensors")
     ap.add_argument("--n", type=int, default=64, help="prompts per evaluation")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="docs/demo_sweep", help="writes <out>.json, <out>.md, <out>.png")
-    ap.add_argument("--rank", type=int, default=16, help="the rank of the k sweep's runs")
-    ap.add_argument("--k", type=int, default=20, help="the k of the rank sweep's runs")
+    ap.add_argument("--force", action="store_true", help="re-evaluate runs that have an eval.json")
+    ap.add_argument("--out", default="docs/demo_sweep", help="report: writes <out>.json, <out>.md, <out>.png")
+    ap.add_argument("--header", default=None, help="report: a Markdown file put above the table")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    runs = runs_in(a.sweeps)
-    if not runs:
-        raise SystemExit(f"no finished runs under {a.sweeps}")
-    runs = evaluate(runs, a.teacher, a.evaluator, a.n, a.seed)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(runs, f, indent=1)
-    cmd = "python -m demo.sweep " + " ".join(a.sweeps) + (f" --n {a.n}" if a.n != 64 else "")
-    with open(a.out + ".md", "w") as f:
-        f.write(markdown(runs, cmd))
-    plot(runs, a.out + ".png", a.rank, a.k)
-    print(a.out + ".md", a.out + ".png")
+    if a.command == "evaluate":
+        runs = runs_in(a.sweeps)
+        if not runs:
+            raise SystemExit(f"no finished runs under {a.sweeps}")
+        evaluate(runs, a.teacher, a.evaluator, a.n, a.seed, a.force)
+    else:
+        report(a.sweeps, a.out, a.header)
 
 
 if __name__ == "__main__":
     main()
-
-
-def _lora(cfg: dict) -> dict:
-    """The trained LoRA's config of a run's config.json (objective.lora; runs before the objective
-    group kept it at the top level as `lora`)."""
-    return (cfg.get("objective") or {}).get("lora") or cfg["lora"]

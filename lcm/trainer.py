@@ -282,7 +282,7 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective,
         old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     except ValueError:                                     # not the main thread: no handler
         old_handler = None
-    teacher_rows, prompts, status, saved_at = [], None, "done", -1
+    teacher_rows, prompts, status, saved_at, last_loss = [], None, "done", -1, None
     t0, seen, loss_sum, n_loss, nan_skipped, skipped_samples = time.perf_counter(), 0, 0.0, 0, 0, 0
     try:
         while step < cfg.max_steps:
@@ -327,6 +327,7 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective,
                                    samples_per_s=seen / dt, peak_mem_mb=peak_memory_mb(dist.device),
                                    skipped_samples=skipped_samples, nan_skipped=nan_skipped) | objective.metrics()
                     logr.log(metrics, step)
+                    last_loss = metrics["loss"]
                     log.info("step %d  loss %.5f  grad %.3g  %.2f samples/s", step, metrics["loss"],
                              metrics["grad_norm"], metrics["samples_per_s"])
                 t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
@@ -359,6 +360,9 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective,
             os.replace(tmp, os.path.join(run_dir, export_name))
         if status == "done":
             objective.finish()                             # the pipeline keeps what was exported
+            if logr is not None:
+                logr.summary(dict(final_step=step, final_loss=last_loss, nan_skipped=nan_skipped,
+                                  skipped_samples=skipped_samples))
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)

@@ -1,7 +1,7 @@
 """DPM-Solver (Lu et al. 2022, noise prediction) and DPM-Solver++ (Lu et al. 2022b, data prediction).
 
 Exponential integrators in lambda = log(alpha/sigma); a step from s to t has h = lambda_t - lambda_s > 0
-(PAPER Sec. 8). model_fn(x, t) -> eps_hat; x0_hat = (x - sigma eps_hat) / alpha. Run latents in fp32.
+(docs/method.md Sec. 8). model_fn(x, t) -> eps_hat; x0_hat = (x - sigma eps_hat) / alpha. Run latents in fp32.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .schedule import Schedule, TimeLike, as_t
+from .schedule import Schedule, TimeLike, as_t, expand_as
 from .wrappers import ModelFn, eps_to_x0
 
 
@@ -23,33 +23,41 @@ def _coefs(schedule: Schedule, t: TimeLike | None) -> tuple[float, float, float]
 #----------------------------------------------------------------------------
 # Singlestep DPM-Solver-1/2/3 (DPM-Solver paper Algorithms 1-2; r1 = 1/2 for order 2, 1/3 and
 # 2/3 for order 3), with intermediate times s_i = inverse_lambda(lambda_s + r_i h) passed as float64.
+# Times are () (the samplers) or (B,) per sample (the LCD teacher step Psi, lcm.distill).
+
+def _coefs_like(schedule: Schedule, t: torch.Tensor, x: torch.Tensor):
+    """(alpha_t, sigma_t, lambda_t) as float64 tensors of t's shape, and `c`: coefficient -> x's dtype,
+    broadcastable against x."""
+    c = lambda v: expand_as(v, x)
+    return schedule.alpha(t), schedule.sigma(t), schedule.lambda_(t), c
+
 
 def dpm_solver_step(model_fn: ModelFn, x: torch.Tensor, s: TimeLike, t: TimeLike, schedule: Schedule,
                     order: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """One order-k noise-prediction step x_s -> x_t (k model calls); returns (x_t, x0_hat(x_s, s))."""
     s, t = as_t(s), as_t(t)
-    a_s, sg_s, l_s = _coefs(schedule, s)
-    a_t, sg_t, l_t = _coefs(schedule, t)
+    a_s, sg_s, l_s, c = _coefs_like(schedule, s, x)
+    a_t, sg_t, l_t, _ = _coefs_like(schedule, t, x)
     h = l_t - l_s
     e_s = model_fn(x, s)
-    x_t = (a_t / a_s) * x - sg_t * math.expm1(h) * e_s          # order 1 = DDIM (noise form)
+    x_t = c(a_t / a_s) * x - c(sg_t * torch.expm1(h)) * e_s     # order 1 = DDIM (noise form)
     if order == 2:
         r1 = 0.5
         s1 = schedule.inverse_lambda(l_s + r1 * h)
-        a_1, sg_1 = float(schedule.alpha(s1)), float(schedule.sigma(s1))
-        u = (a_1 / a_s) * x - sg_1 * math.expm1(r1 * h) * e_s
-        x_t = x_t - (sg_t / (2 * r1)) * math.expm1(h) * (model_fn(u, s1) - e_s)
+        a_1, sg_1 = schedule.alpha(s1), schedule.sigma(s1)
+        u = c(a_1 / a_s) * x - c(sg_1 * torch.expm1(r1 * h)) * e_s
+        x_t = x_t - c((sg_t / (2 * r1)) * torch.expm1(h)) * (model_fn(u, s1) - e_s)
     elif order == 3:
         r1, r2 = 1 / 3, 2 / 3
         s1, s2 = schedule.inverse_lambda(l_s + r1 * h), schedule.inverse_lambda(l_s + r2 * h)
-        a_1, sg_1 = float(schedule.alpha(s1)), float(schedule.sigma(s1))
-        a_2, sg_2 = float(schedule.alpha(s2)), float(schedule.sigma(s2))
-        u1 = (a_1 / a_s) * x - sg_1 * math.expm1(r1 * h) * e_s
+        a_1, sg_1 = schedule.alpha(s1), schedule.sigma(s1)
+        a_2, sg_2 = schedule.alpha(s2), schedule.sigma(s2)
+        u1 = c(a_1 / a_s) * x - c(sg_1 * torch.expm1(r1 * h)) * e_s
         D1 = model_fn(u1, s1) - e_s
-        u2 = ((a_2 / a_s) * x - sg_2 * math.expm1(r2 * h) * e_s
-              - (sg_2 * r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * D1)
+        u2 = (c(a_2 / a_s) * x - c(sg_2 * torch.expm1(r2 * h)) * e_s
+              - c((sg_2 * r2 / r1) * (torch.expm1(r2 * h) / (r2 * h) - 1)) * D1)
         D2 = model_fn(u2, s2) - e_s
-        x_t = x_t - (sg_t / r2) * (math.expm1(h) / h - 1) * D2
+        x_t = x_t - c((sg_t / r2) * (torch.expm1(h) / h - 1)) * D2
     elif order != 1:
         raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
     return x_t, eps_to_x0(e_s, x, s, schedule)
@@ -59,18 +67,18 @@ def dpmpp_2s_step(model_fn: ModelFn, x: torch.Tensor, s: TimeLike, t: TimeLike, 
                   order: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """One singlestep DPM-Solver++(1S/2S) step x_s -> x_t (data form); returns (x_t, x0_hat(x_s, s))."""
     s, t = as_t(s), as_t(t)
-    a_s, sg_s, l_s = _coefs(schedule, s)
-    a_t, sg_t, l_t = _coefs(schedule, t)
+    a_s, sg_s, l_s, c = _coefs_like(schedule, s, x)
+    a_t, sg_t, l_t, _ = _coefs_like(schedule, t, x)
     h = l_t - l_s
     D_s = eps_to_x0(model_fn(x, s), x, s, schedule)
-    x_t = (sg_t / sg_s) * x - a_t * math.expm1(-h) * D_s        # order 1 = DDIM (data form)
+    x_t = c(sg_t / sg_s) * x - c(a_t * torch.expm1(-h)) * D_s   # order 1 = DDIM (data form)
     if order == 2:
         r1 = 0.5
         s1 = schedule.inverse_lambda(l_s + r1 * h)
-        a_1, sg_1 = float(schedule.alpha(s1)), float(schedule.sigma(s1))
-        u = (sg_1 / sg_s) * x - a_1 * math.expm1(-r1 * h) * D_s
+        a_1, sg_1 = schedule.alpha(s1), schedule.sigma(s1)
+        u = c(sg_1 / sg_s) * x - c(a_1 * torch.expm1(-r1 * h)) * D_s
         D_1 = eps_to_x0(model_fn(u, s1), u, s1, schedule)
-        x_t = x_t - (a_t / (2 * r1)) * math.expm1(-h) * (D_1 - D_s)
+        x_t = x_t - c((a_t / (2 * r1)) * torch.expm1(-h)) * (D_1 - D_s)
     elif order != 1:
         raise ValueError(f"singlestep DPM-Solver++ order must be 1 or 2, got {order}")
     return x_t, D_s

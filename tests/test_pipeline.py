@@ -1,5 +1,6 @@
 """Pipeline parity with diffusers' StableDiffusionPipeline (same random weights, latents, noise)."""
 import logging
+import os
 
 import pytest
 import torch
@@ -148,3 +149,53 @@ def test_from_architecture_round_trips_through_a_saved_file(tmp_path):
     torch.testing.assert_close(back(["a red circle"], **kw), pipe(["a red circle"], **kw), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="LoRA entries need a path"):
         pipe.load_loras([{"name": "x", "scale": 0.8}])
+
+#----------------------------------------------------------------------------
+# The consistency spec travels with a LoRA file (lcm.spec metadata).
+
+def test_lora_spec_is_read_and_sampling_uses_its_grid(tmp_path):
+    """The demo LCM-LoRA re-saved with a k = 50 spec samples 4 steps at 999/749/499/249; the released
+    layout without a spec keeps N = 50; disagreeing active specs and junk spec metadata are errors."""
+    from safetensors.torch import load_file, save_file
+
+    from lcm.consistency import ConsistencySpec
+    assets = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+    sd = load_file(os.path.join(assets, "demo_lcm_lora.safetensors"))
+    k50, plain, junk = (str(tmp_path / f) for f in ("k50.safetensors", "plain.safetensors", "junk.safetensors"))
+    save_file(sd, k50, ConsistencySpec(num_ddim_timesteps=20).to_metadata())
+    save_file(sd, plain, {})
+    save_file(sd, junk, {"lcm.spec": "{zz"})
+    pipe = Pipeline.from_checkpoint(os.path.join(assets, "demo_teacher.safetensors"))
+    seen = []
+    real = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, *a, **k: (seen.append(int(t[0])), real(x, t, *a, **k))[1]
+    kw = dict(steps=4, output="latent", progress=False, seed=0)
+    pipe.load_lora(plain, name="lcm")
+    assert pipe.spec.num_ddim_timesteps == 50
+    pipe(["a red circle"], **kw)
+    assert seen == [999, 759, 499, 259]                     # the default 50-point grid
+    pipe.set_lora_scales({"lcm": 0.0})
+    pipe.load_lora(k50, name="lcm50")
+    assert pipe.spec.num_ddim_timesteps == 20 and pipe.base_spec.num_ddim_timesteps == 50
+    seen.clear()
+    pipe(["a red circle"], **kw)
+    assert seen == [999, 749, 499, 249]                     # its own 20-point grid (k = 50)
+    seen.clear()
+    pipe(["a red circle"], timesteps=[999, 499], output="latent", progress=False, seed=0)
+    assert seen == [999, 499]                               # explicit timesteps still win
+    pipe.set_lora_scales({"lcm": 1.0})                      # a spec-less "lcm" adapter does not count
+    assert pipe.spec.num_ddim_timesteps == 20
+    other = str(tmp_path / "k10.safetensors")
+    save_file(sd, other, ConsistencySpec(num_ddim_timesteps=100).to_metadata())
+    pipe.load_lora(other, name="lcm100")
+    with pytest.raises(ValueError, match="lcm50.*lcm100"):
+        pipe.spec
+    names = pipe.lora_names()
+    with pytest.raises(ValueError, match="junk.safetensors.*lcm.spec"):
+        pipe.load_lora(junk, name="junk")
+    assert pipe.lora_names() == names                       # nothing of the bad file stays loaded
+    out = str(tmp_path / "resaved.safetensors")             # save_lora writes the adapter's own spec
+    pipe.save_lora(out, "lcm50")
+    fresh = Pipeline.from_checkpoint(os.path.join(assets, "demo_teacher.safetensors"))
+    fresh.load_lora(out)
+    assert fresh.spec.num_ddim_timesteps == 20

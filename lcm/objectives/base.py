@@ -18,7 +18,7 @@ from torch import nn
 
 from lcm import checkpointing as ck
 from lcm.consistency import ConsistencySpec
-from lcm.distill import EstimateFn, lcd_loss, net_fn
+from lcm.distill import EstimateFn, check_teacher_solver as check_solver, lcd_loss, net_fn
 from lcm.ema import AdapterEMA, ema_update
 from solvers.schedule import Schedule
 from models import lora as lora_lib
@@ -144,6 +144,8 @@ class Objective:
             p.requires_grad_(True)
         self.student = self.target = self.teacher = unet   # one UNet in memory
         self.lora_name = lora.name
+        if self.spec is not None:                          # the adapter carries its spec (as a loaded file would)
+            pipe.adapter_specs[lora.name] = self.spec
         self._teacher_ctx = lambda: lora_lib.adapters_disabled(unet)
         if ema:
             self._lora_ema = self.ema = AdapterEMA(unet, lora.name)

@@ -1,17 +1,20 @@
 """Full LCM: latent consistency distillation of the whole UNet with a w-embedding (LCM arXiv
 2310.04378, Algorithm 1; docs/method.md Sec. 3). student = a copy of the UNet plus time_cond_proj
 (the guidance w enters as an embedding), target = its EMA (mu = ema_decay, 0.95 in the reference
-scripts), teacher = the frozen original UNet; z_hat_{t_n} is one guided DDIM step of the teacher.
+scripts), teacher = the frozen original UNet; z_hat_{t_n} is one guided step of the teacher solver Psi
+(teacher_solver).
 """
 from __future__ import annotations
 
-from lcm.distill import teacher_ddim_estimate
-from lcm.objectives.base import ConsistencyObjective
+from lcm.distill import teacher_estimate
+from lcm.objectives.base import ConsistencyObjective, check_solver
 
 
 class LCD(ConsistencyObjective):
-    def __init__(self, lora=None, ema_decay: float | None = 0.95, w_embedding_dim: int = 256, **kw):
+    def __init__(self, lora=None, ema_decay: float | None = 0.95, w_embedding_dim: int = 256,
+                 teacher_solver: str = "ddim", **kw):
         super().__init__(lora, ema_decay, **kw)
+        self.teacher_solver = check_solver(teacher_solver)
         if self.lora is not None:
             raise ValueError("objective=lcd trains the full UNet with a w-embedding: set objective.lora=null "
                              "(or use objective=lcd_lora for LCM-LoRA)")
@@ -32,4 +35,4 @@ class LCD(ConsistencyObjective):
         self.teacher = unet
 
     def estimate(self, schedule):
-        return teacher_ddim_estimate(self.teacher_net(), schedule, self.pipe.prediction_type)
+        return teacher_estimate(self.teacher_net(), schedule, self.pipe.prediction_type, self.teacher_solver)

@@ -195,6 +195,67 @@ CELLS = [
     plt.show()
     """),
     md(r"""
+    ## The teacher solver $\Psi$ of LCD
+
+    LCD's target needs $\hat z_{t_n} = \Psi(z_{t_{n+k}}, t_{n+k}, t_n)$, **one** step of the guided teacher
+    $(1 + w)\,\hat\epsilon(z, c) - w\,\hat\epsilon(z, \varnothing)$ across the skipping step $k$ on the grid
+    $t_j = jk - 1$; below is the trainer's own $\Psi$ (`lcm.distill.teacher_estimate`,
+    `train.teacher_solver`) on the Gaussian teacher, where $c = \varnothing$ makes the guided $\hat\epsilon$ exact
+    and the exact step is the flow, from $z_{t_{n+k}} \sim p_{t_{n+k}}$ at every grid point.
+    DDIM's local error grows like $h^2$ and the second-order DPM-Solver-2 and DPM-Solver++(2S) like
+    $h^3$ ($h = \lambda_{t_n} - \lambda_{t_{n+k}}$, roughly $\propto k$), so the gap widens with $k$, which is why
+    the LCM paper found DPM-Solver(++) better than DDIM at $k = 50$.
+    The price: a second-order $\Psi$ evaluates the guided teacher twice (at $t_{n+k}$ and at the midpoint),
+    4 teacher UNet calls per training step (cond + uncond each time) instead of 2.
+    The last interval ($k - 1 \to 0$, e.g. $19 \to 0$ at $k = 20$) has a large $h$ because $\lambda_t$ jumps
+    near $t = 0$: it has the largest error of the grid (dotted) and would dominate a mean, so the solid
+    lines are the median over the grid.
+    """),
+    code("""
+    from lcm.distill import TEACHER_SOLVERS, teacher_estimate
+    from models.text import Conditioning
+
+
+    def gauss_teacher(x, t, cond, w):
+        \"\"\"A teacher net(x, t, cond, w) -> exact Gaussian eps, each sample at its own t (B,).\"\"\"
+        return gauss_eps(x, t.reshape(-1, 1).double())
+
+
+    KS = [1, 5, 10, 20, 50]
+    psi_med, psi_last = {s: [] for s in TEACHER_SOLVERS}, {s: [] for s in TEACHER_SOLVERS}
+    for k in KS:
+        t_nk = torch.arange(1, S.T // k + 1) * k - 1               # grid t_{n+k} = j k - 1, j = 1..T/k
+        t_n = (t_nk - k).clamp(min=0)
+        t_nk, t_n = t_nk[t_nk > t_n], t_n[t_nk > t_n]              # drop the empty step 0 -> 0 (k = 1)
+        B, tcol = len(t_nk), lambda t: t.double().reshape(-1, 1)
+        z = S.alpha(tcol(t_nk)) * MU + marginal_std(tcol(t_nk)) * torch.randn(
+            B, D, generator=torch.Generator().manual_seed(k), dtype=torch.float64)   # z ~ p_{t_{n+k}}
+        c, w = Conditioning(torch.zeros(B, 1, 1, dtype=torch.float64)), torch.full((B,), 7.0, dtype=torch.float64)
+        exact = gauss_flow(z, tcol(t_nk), tcol(t_n))
+        for s in TEACHER_SOLVERS:
+            z_hat = teacher_estimate(gauss_teacher, S, "epsilon", s)(z, t_nk, t_n, None, None, c, c, w)
+            err = (z_hat - exact).pow(2).mean(1).sqrt()               # RMS over D, one per grid point
+            psi_med[s].append(err.median().item())
+            psi_last[s].append(err[t_n == 0].max().item())          # the last interval k - 1 -> 0
+
+    fig, ax = plt.subplots(figsize=(4.8, 3))
+    for i, (s, mark) in enumerate(zip(TEACHER_SOLVERS, ["o-", "s-", "x--"])):
+        ax.loglog(KS, psi_med[s], mark, ms=4, color=f"C{i}", label=f"{s} (median over the grid)")
+        ax.loglog(KS, psi_last[s], ":", color=f"C{i}", alpha=0.7)
+    for p, ref in [(2, psi_med["ddim"][0]), (3, psi_med["dpmsolver"][0])]:   # reference slopes, offset x0.2
+        ax.loglog(KS, [0.2 * ref * k**p for k in KS], color="gray", lw=0.7, ls="--")
+        ax.text(KS[-2], 0.2 * ref * KS[-2] ** p, f"k^{p}  ", fontsize=7, ha="right", va="top")
+    ax.set_xlabel("skipping step k"), ax.set_ylabel("one-step RMS error |Psi(z) - flow(z)|")
+    ax.set_title("dotted: the last interval k-1 -> 0"), ax.legend(fontsize=6)
+    fig.tight_layout()
+    plt.show()
+
+    print(f"{'k':>3s}  " + "  ".join(f"{s + ' med':>15s} {'last':>9s}" for s in TEACHER_SOLVERS))
+    for i, k in enumerate(KS):
+        print(f"{k:3d}  " + "  ".join(f"{psi_med[s][i]:15.2e} {psi_last[s][i]:9.2e}" for s in TEACHER_SOLVERS))
+    print("guided teacher UNet calls per training step:", dict(TEACHER_SOLVERS))
+    """),
+    md(r"""
     ## The same solvers on the demo model
 
     The teacher samples with DDIM and DPM-Solver++(2M) under CFG with scale $s$ (two UNet passes
