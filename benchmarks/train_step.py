@@ -39,7 +39,7 @@ CONTEXT_DIM = {"sd15": 768, "sdxl": 2048}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                      "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
-                     "time_emb_proj"]          # the diffusers LCM-LoRA scripts' list (PAPER Sec. 5)
+                     "time_emb_proj"]          # the diffusers LCM-LoRA scripts' list (docs/method.md Sec. 5)
 K, W_MIN, W_MAX, HUBER_C = 20, 5.0, 15.0, 1e-3
 
 

@@ -12,7 +12,7 @@ Caption convention (one grammar, parsed back by `parse_caption`):
 The style word is appended only when asked (`style_word=True`). The demo teacher is trained on
 the plain style; the style LoRA is trained on outlined images with content captions WITHOUT the
 style word, so the LoRA (not a word) carries the style: with style LoRA + LCM-LoRA any content
-prompt comes out outlined, which is the style-composition experiment (LCM-LoRA report, Sec. 6).
+prompt comes out outlined, which is the style-composition experiment (LCM-LoRA report Eqs. 2-3, Fig. 3; docs/method.md Sec. 6).
 """
 
 import dataclasses

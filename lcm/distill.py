@@ -108,13 +108,13 @@ def teacher_ddim_estimate(teacher_fn: NetFn, schedule: Schedule, prediction_type
 
 
 def same_noise_estimate(schedule: Schedule) -> EstimateFn:
-    """LCF: z_hat_{t_n} = alpha(t_n) z + sigma(t_n) eps with the eps of z_{t_{n+k}} (LCM arXiv 2310.04378, Sec. 4.4)."""
+    """LCF: z_hat_{t_n} = alpha(t_n) z + sigma(t_n) eps with the eps of z_{t_{n+k}} (LCM arXiv 2310.04378, Sec. 4.4; docs/method.md Sec. 4)."""
     def estimate(z_nk, t_nk, t_n, z, eps, cond, uncond, w):
         return schedule.add_noise(z, eps, t_n)
     return estimate
 
 #----------------------------------------------------------------------------
-# The loss (Algorithm 1, steps 2-8).
+# The loss (docs/method.md Sec. 3, steps 2-8).
 
 def distance(a: torch.Tensor, b: torch.Tensor, loss: str = "huber", huber_c: float = 1e-3) -> torch.Tensor:
     """Per-sample d(a, b) (B,): 'l2' mean squared error or 'huber' mean(sqrt((a-b)^2 + c^2) - c)."""

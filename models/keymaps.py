@@ -8,7 +8,7 @@ import re
 import torch
 
 #----------------------------------------------------------------------------
-# UNet: diffusers module paths -> original LDM/SGM module paths (USERS.md Sec. 4).
+# UNet: diffusers module paths -> original LDM/SGM module paths (docs/users.md Sec. 4).
 # down_blocks.i.resnets.j / .attentions.j -> input_blocks.(R*i+j+1).0 / .1   (R = res blocks + 1)
 # down_blocks.i.downsamplers.0.conv       -> input_blocks.(R*i+R).0.op
 # mid_block.resnets.0 / attentions.0 / resnets.1 -> middle_block.0 / .1 / .2

@@ -49,7 +49,7 @@ class _LoRAMixin:
         self.lora_up = nn.ModuleDict()            # B_i: (out, r) or conv (out, r, 1, 1)
         self.lora_dropout = nn.ModuleDict()
         self.lora_alpha: dict[str, float] = {}
-        self.lora_scale: dict[str, float] = {}   # runtime lambda_i (task arithmetic, Sec. 6)
+        self.lora_scale: dict[str, float] = {}   # runtime lambda_i (task arithmetic, docs/method.md Sec. 6)
         self.lora_enabled = True
         self.fused = False
         self.register_buffer("w0", None, persistent=False)
@@ -290,7 +290,7 @@ def lora_names(model: nn.Module) -> list[str]:
 
 
 def set_lora_scales(model: nn.Module, scales: dict[str, float]) -> None:
-    """Runtime scales lambda_i (Sec. 6, Eq. 3); fused layers are re-fused from W0."""
+    """Runtime scales lambda_i (docs/method.md Sec. 6; LCM-LoRA report Eq. 3); fused layers are re-fused from W0."""
     unknown = set(scales) - set(lora_names(model))
     if unknown:
         raise ValueError(f"unknown adapters {sorted(unknown)}; loaded: {lora_names(model)}")

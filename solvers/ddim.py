@@ -1,4 +1,4 @@
-"""DDIM (Song et al. 2020, Eq. 12; PAPER Sec. 8): the first-order PF-ODE step, also LCD's teacher Psi.
+"""DDIM (Song et al. 2020, Eq. 12; docs/method.md Sec. 8): the first-order PF-ODE step, also LCD's teacher Psi.
 
 Ends: t_prev = 0 lands on abar[0] = 0.99915 (the original SD sampler; diffusers set_alpha_to_one=False),
 t_prev = None lands on sigma = 0 and returns x0_hat. prev_t always comes from the timestep list.

@@ -1,4 +1,4 @@
-"""Multistep latent consistency sampling (LCM paper Algorithm 3; PAPER Sec. 7): denoise, re-noise."""
+"""Multistep latent consistency sampling (LCM paper Algorithm 3; docs/method.md Sec. 7): denoise, re-noise."""
 from __future__ import annotations
 
 from typing import Callable, Sequence

@@ -1,4 +1,4 @@
-"""Reproducible Gaussian noise: drawn on the CPU from explicit generators (DESIGN: Determinism)."""
+"""Reproducible Gaussian noise: drawn on the CPU from explicit generators (docs/conventions.md Sec. 5)."""
 from __future__ import annotations
 
 import torch

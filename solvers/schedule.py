@@ -1,4 +1,4 @@
-"""The discrete DDPM noise schedule (PAPER Sec. 0) and timestep selection (Secs. 7, 8).
+"""The discrete DDPM noise schedule (docs/method.md Sec. 0) and timestep selection (Secs. 7, 8).
 
 t is the integer DDPM timestep 0..T-1; a continuous t in between interpolates log(alpha_t)
 piecewise-linearly, as DPM-Solver's discrete NoiseScheduleVP does, so inverse_lambda is exact.
@@ -134,7 +134,7 @@ def spaced_timesteps(n: int, spacing: str = "leading", steps_offset: int = 0, T:
     return ts
 
 #----------------------------------------------------------------------------
-# LCM origin grid and inference timesteps (PAPER Sec. 3 step 2 and Sec. 7; diffusers PR#5836 rule).
+# LCM origin grid and inference timesteps (docs/method.md Sec. 3, step 2 and Sec. 7; diffusers PR#5836 rule).
 
 def lcm_grid(original_steps: int = 50, T: int = 1000) -> list[int]:
     """Ascending LCM training grid t_j = j*k - 1, k = T // original_steps: [19, 39, ..., 999]."""

@@ -1,4 +1,4 @@
-"""The one place that knows prediction_type and classifier-free guidance (docs/method.md Sec. 1-2).
+"""The one place that knows prediction_type and classifier-free guidance (docs/method.md Secs. 2.1 and 3.1).
 
 Solver contract: model_fn(x, t) -> eps_hat or x0_hat, x (B, ...), t a 0-dim CPU tensor: int64 on
 the integer grid, float64 at DPM-Solver's continuous intermediate points (or (B,) per sample in
@@ -34,7 +34,7 @@ def _ab(x: torch.Tensor, t: TimeLike, schedule: Schedule):
     return expand_as(schedule.alpha(t), x), expand_as(schedule.sigma(t), x)
 
 #----------------------------------------------------------------------------
-# Output conversions (PAPER Sec. 2 table). t: () or (B,); pred, x: (B, ...).
+# Output conversions (docs/method.md Sec. 2.1 table). t: () or (B,); pred, x: (B, ...).
 
 def to_x0(pred: torch.Tensor, x: torch.Tensor, t: TimeLike, schedule: Schedule, prediction_type: str) -> torch.Tensor:
     """x0_hat from a raw network output at (x, t)."""

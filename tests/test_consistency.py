@@ -16,7 +16,7 @@ from solvers.wrappers import cfg, lcm_w, to_eps, to_x0
 S = Schedule.make()
 
 #----------------------------------------------------------------------------
-# Boundary scalings (PAPER Sec. 2 table).
+# Boundary scalings (docs/method.md Sec. 2.2 table).
 
 def test_boundary_at_zero():
     c_skip, c_out = boundary_scalings(0)
@@ -47,7 +47,7 @@ def test_scalings_follow_the_spec():
     torch.testing.assert_close(f_theta(z, x0, 19, spec), f_theta(z, x0, 19, 1.0, 1.0))
 
 #----------------------------------------------------------------------------
-# Prediction types (PAPER Sec. 2) and guidance (Sec. 3.1).
+# Prediction types (docs/method.md Sec. 2.1) and guidance (Sec. 3.1).
 
 def _noised(b=4):
     x0, eps = torch.randn(b, 4, 8, 8, dtype=torch.float64), torch.randn(b, 4, 8, 8, dtype=torch.float64)

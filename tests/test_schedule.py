@@ -100,7 +100,7 @@ def test_bad_spacing_args_raise():
             spaced_timesteps(**bad)
 
 #----------------------------------------------------------------------------
-# LCM timesteps (PAPER Sec. 7 golden lists; diffusers LCMScheduler as the oracle).
+# LCM timesteps (docs/method.md Sec. 7 golden lists; diffusers LCMScheduler as the oracle).
 
 GOLDEN = {1: [999], 2: [999, 499], 3: [999, 679, 339], 4: [999, 759, 499, 259],
           8: [999, 879, 759, 639, 499, 379, 259, 139]}

@@ -84,7 +84,7 @@ def test_ddim_forms_agree():
     out = ddim_step(x, eps, t, tp, S)
     torch.testing.assert_close(out, ddim_from_x0_eps(eps_to_x0(eps, x, t, S), eps, tp, S))
     a_t, s_t, a_p, s_p = (float(f(v)) for v in (t, tp) for f in (S.alpha, S.sigma))
-    h = float(S.lambda_(tp) - S.lambda_(t))                      # PAPER Sec. 8, noise form
+    h = float(S.lambda_(tp) - S.lambda_(t))                      # docs/method.md Sec. 8, noise form
     torch.testing.assert_close(out, (a_p / a_t) * x - s_p * torch.expm1(torch.tensor(h)).item() * eps)
     tp_b = torch.tensor([499, 0, 259])                           # per-sample t_prev (trainer)
     ref = torch.stack([ddim_from_x0_eps(x[i], eps[i], tp_b[i], S) for i in range(3)])

@@ -1,6 +1,6 @@
 """What an objective is to the training loop (lcm/trainer.py), and the pieces objectives share.
 
-An objective sets up its networks on a Pipeline (docs/users.md Sec. 1): the student (what the
+An objective sets up its networks on a Pipeline (docs/users.md Sec. 6): the student (what the
 optimizer trains), the target (what the loss compares against and what is sampled and exported:
 the student itself, or an EMA copy) and the teacher (the frozen base, or None); it gives the
 per-sample loss of a batch, updates its EMA after each optimizer step and writes its export.

@@ -13,7 +13,7 @@ CELLS = [
 
     $$f(x_t, t) = f(x_{t'}, t') \quad \text{for all } t, t' \text{ on one trajectory}, \qquad f(x_\epsilon, \epsilon) = x_\epsilon .$$
 
-    LCM (PAPER.md Sec. 2) parameterises it on SD latents with the denoiser's clean-latent
+    LCM (docs/method.md Sec. 2) parameterises it on SD latents with the denoiser's clean-latent
     estimate $\hat x_0$:
 
     $$f_\theta(z, t) = c_{skip}(t)\, z + c_{out}(t)\, \hat x_0(z, t),
@@ -84,7 +84,7 @@ CELLS = [
     ## $f_\theta$ on the demo model
 
     The demo teacher is a tiny SD-architecture model trained on the procedural demo world; the
-    LCM-LoRA distils it (PAPER.md Sec. 3). Below, a real demo image is encoded,
+    LCM-LoRA distils it (docs/method.md Sec. 3). Below, a real demo image is encoded,
     $z = \text{vae\_scale}\cdot E(x)$, noised with one $\epsilon$ to $z_t = \alpha_t z + \sigma_t \epsilon$,
     and mapped back by
 

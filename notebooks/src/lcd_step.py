@@ -8,7 +8,7 @@ CELLS = [
     md(r"""
     # One Latent Consistency Distillation step, line by line
 
-    Algorithm 1 of the LCM-LoRA report (PAPER.md Sec. 3), for one batch:
+    Algorithm 1 of the LCM-LoRA report (docs/method.md Sec. 3), for one batch:
 
     ```
     sample (z, c) ~ D_z,  n ~ U[1, N - k],  w ~ U[w_min, w_max]
@@ -18,7 +18,7 @@ CELLS = [
     theta <- theta - eta grad L;   theta_minus <- stopgrad(mu theta_minus + (1 - mu) theta)
     ```
 
-    For an LCM-LoRA the three networks are one UNet (PAPER.md Sec. 3.2): the **student** is the
+    For an LCM-LoRA the three networks are one UNet (docs/method.md Sec. 3.2): the **student** is the
     LoRA UNet, the **target** $\theta^-$ is the same UNet under `no_grad` ($\mu = 0$), the
     **teacher** is the UNet with adapters disabled. The loss itself is `lcm/distill.py`; this
     notebook calls its pieces one at a time and checks the result against `lcd_loss`.

@@ -8,7 +8,7 @@ CELLS = [
     md(r"""
     # LoRA and task arithmetic: the acceleration vector
 
-    A LoRA adds a low-rank update to a frozen weight (PAPER.md Sec. 5):
+    A LoRA adds a low-rank update to a frozen weight (docs/method.md Sec. 5):
 
     $$h = W_0 x + \frac{\alpha}{r} B A x, \qquad A \in \mathbb R^{r \times k},\ B \in \mathbb R^{d \times r},\ \Delta W = \frac{\alpha}{r} B A .$$
 

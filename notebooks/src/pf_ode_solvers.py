@@ -21,7 +21,7 @@ CELLS = [
     * **DPM-Solver++(2M)** works with $\hat x_0$ and reuses the previous step's estimate:
       $D = (1 + \frac{1}{2r}) \hat x_0^{(i-1)} - \frac{1}{2r} \hat x_0^{(i-2)}$, one call per step.
     * **LCM** does not integrate: it jumps with the consistency function to $t=0$, then re-noises to the
-      next timestep with fresh noise (PAPER.md Sec. 7).
+      next timestep with fresh noise (docs/method.md Sec. 7).
 
     Code: `solvers/ddim.py`, `solvers/dpm_solver.py`, `solvers/lcm.py`, `solvers/schedule.py`.
     """),
