@@ -5,6 +5,7 @@ with the project's own diffusers->LDM key maps as a single-file checkpoint, exac
 released SD files are laid out, so `Pipeline.from_checkpoint` can load it.
 """
 import gzip
+import re
 
 import torch
 from safetensors.torch import save_file
@@ -102,3 +103,12 @@ def write_original(path: str, family: str, unet, vae, text_encoders: list, metad
     """Save diffusers/transformers modules as one original-layout checkpoint (released key layout)."""
     sd = original_state_dict(family, unet, vae, text_encoders)
     save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata=metadata)
+
+
+def inline_comments(path: str) -> dict[str, str]:
+    """Top-level `key: value  # comment` lines of a yaml file (read here independently of lcm.cli)."""
+    out = {}
+    for line in open(path):
+        if m := re.match(r"^(\w+):\s.*?\s#\s+(.*\S)\s*$", line):
+            out[m.group(1)] = m.group(2)
+    return out

@@ -1,12 +1,11 @@
 """sample.py end to end: PNGs with parameters, never overwriting; one-line errors for bad input."""
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.oracle import tiny_clip, tiny_unet, tiny_vae, write_original
+from tests.oracle import inline_comments, tiny_clip, tiny_unet, tiny_vae, write_original
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -80,15 +79,6 @@ def test_cuda_where_there_is_none_names_the_cpu_overrides(ckpt):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     line, = res.stderr.strip().splitlines()
     assert "CUDA is not available" in line and "model.device=cpu model.dtype=float32" in line
-
-
-def inline_comments(path: str) -> dict[str, str]:
-    """Top-level `key: value  # comment` lines of a yaml file (read here independently of lcm.cli)."""
-    out = {}
-    for line in open(path):
-        if m := re.match(r"^(\w+):\s.*?\s#\s+(.*\S)\s*$", line):
-            out[m.group(1)] = m.group(2)
-    return out
 
 
 def test_help_shows_every_knob_with_its_meaning():

@@ -1,11 +1,12 @@
 """train.py on the command line: one-line errors for a missing model.path / data.root and for CUDA
 asked for where there is none (before anything is built); --help lists the knobs with their meanings."""
 import os
-import re
 import subprocess
 import sys
 
 import pytest
+
+from tests.oracle import inline_comments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "assets", "demo_teacher.safetensors")
@@ -37,15 +38,6 @@ def test_one_line_errors_before_anything_is_built(tmp_path, args, expected):
     res = run(*args, f"hydra.run.dir={tmp_path / 'run'}", CUDA_VISIBLE_DEVICES="")
     assert expected in one_error_line(res)
     assert not os.path.exists(tmp_path / "run" / "config.json")      # nothing was started
-
-
-def inline_comments(path: str) -> dict[str, str]:
-    """Top-level `key: value  # comment` lines of a yaml file (read here independently of lcm.cli)."""
-    out = {}
-    for line in open(path):
-        if m := re.match(r"^(\w+):\s.*?\s#\s+(.*\S)\s*$", line):
-            out[m.group(1)] = m.group(2)
-    return out
 
 
 def test_help_shows_every_knob_with_its_meaning():

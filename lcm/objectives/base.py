@@ -18,7 +18,7 @@ from torch import nn
 
 from lcm import checkpointing as ck
 from lcm.consistency import ConsistencySpec
-from lcm.distill import EstimateFn, check_teacher_solver as check_solver, lcd_loss, net_fn
+from lcm.distill import EstimateFn, lcd_loss, net_fn
 from lcm.ema import AdapterEMA, ema_update
 from solvers.schedule import Schedule
 from models import lora as lora_lib

@@ -6,15 +6,15 @@ scripts), teacher = the frozen original UNet; z_hat_{t_n} is one guided step of 
 """
 from __future__ import annotations
 
-from lcm.distill import teacher_estimate
-from lcm.objectives.base import ConsistencyObjective, check_solver
+from lcm.distill import check_teacher_solver, teacher_estimate
+from lcm.objectives.base import ConsistencyObjective
 
 
 class LCD(ConsistencyObjective):
     def __init__(self, lora=None, ema_decay: float | None = 0.95, w_embedding_dim: int = 256,
                  teacher_solver: str = "ddim", **kw):
         super().__init__(lora, ema_decay, **kw)
-        self.teacher_solver = check_solver(teacher_solver)
+        self.teacher_solver = check_teacher_solver(teacher_solver)
         if self.lora is not None:
             raise ValueError("objective=lcd trains the full UNet with a w-embedding: set objective.lora=null "
                              "(or use objective=lcd_lora for LCM-LoRA)")

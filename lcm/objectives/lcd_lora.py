@@ -8,14 +8,14 @@ DPM-Solver-2 / DPM-Solver++(2S); docs/method.md Sec. 3, line 6 and Sec. 9).
 """
 from __future__ import annotations
 
-from lcm.distill import teacher_estimate
-from lcm.objectives.base import ConsistencyObjective, check_solver
+from lcm.distill import check_teacher_solver, teacher_estimate
+from lcm.objectives.base import ConsistencyObjective
 
 
 class LCDLoRA(ConsistencyObjective):
     def __init__(self, lora=None, ema_decay: float | None = None, teacher_solver: str = "ddim", **kw):
         super().__init__(lora, ema_decay, **kw)
-        self.teacher_solver = check_solver(teacher_solver)
+        self.teacher_solver = check_teacher_solver(teacher_solver)
         if self.lora is None:
             raise ValueError("objective=lcd_lora needs a LoRA (objective.lora: {rank: .., alpha: ..}); "
                              "use objective=lcd to distil a full LCM")
