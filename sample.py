@@ -98,7 +98,10 @@ def run(cfg: DictConfig) -> list[str]:
         from PIL import Image
         if not os.path.isfile(cfg.init_image):
             raise FileNotFoundError(f"init_image not found: {cfg.init_image}")
-        init = Image.open(cfg.init_image).convert("RGB")
+        try:
+            init = Image.open(cfg.init_image).convert("RGB")
+        except Image.DecompressionBombError as e:      # not an OSError: would be a traceback
+            raise ValueError(f"init_image={cfg.init_image}: {e}") from None
     os.makedirs(cfg.out_dir, exist_ok=True)
     written, rows = [], []
     for solver in grid["solvers"]:

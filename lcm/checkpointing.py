@@ -8,12 +8,15 @@ nothing the trainer writes or reads is a pickle.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import socket
+import time
 
 from dataclasses import dataclass, field
 
@@ -214,12 +217,144 @@ def prepare_run_dir(run_dir: str, fresh: bool) -> None:
     clean_tmp(os.path.join(run_dir, "checkpoints"))
 
 
+#----------------------------------------------------------------------------
+# One owner per run dir: a lock file holding the owner's PID (created with O_EXCL); a lock whose
+# process is gone (kill -9, power loss) is stale and taken over with a warning.
+
+LOCK_FILE = "run.lock"
+
+
+class RunDirLocked(FileExistsError):
+    """Another live process owns the run dir (train.py prints it as one line, exit code 2)."""
+
+
+def _process_start(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot (Linux /proc; None elsewhere): tells a PID
+    reused by another process from the lock's owner."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(owner: dict) -> bool:
+    """Whether the lock's owner (same host) still runs."""
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                            # alive, another user's
+        pass
+    start = _process_start(int(owner["pid"]))
+    return owner.get("start") is None or start is None or start == owner["start"]
+
+
+def _read_lock(path: str) -> dict | None:
+    """The lock's owner record; None if unreadable (a crash between create and write)."""
+    for _ in range(5):                                 # a writer may be between create and write
+        try:
+            with open(path) as f:
+                owner = json.load(f)
+            if isinstance(owner, dict) and isinstance(owner.get("pid"), int):
+                return owner
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    return None
+
+
+def _create_lock(path: str, record: dict) -> bool:
+    """Create the lock file exclusively with our record; False if it exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str):
+    """Own `run_dir` for the duration (rank 0 only): a second live owner gets RunDirLocked naming the
+    dir and the PID; a stale lock (its process is gone) is taken over with a warning."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_FILE)
+    me = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname()}
+    for _ in range(10):                                # each round: create, or judge the lock there
+        if _create_lock(path, me):
+            break
+        try:
+            owner = _read_lock(path)
+        except FileNotFoundError:                      # released meanwhile: try again
+            continue
+        if owner is not None and owner.get("host") != me["host"]:
+            raise RunDirLocked(f"{run_dir} is in use by PID {owner['pid']} on host {owner.get('host')} "
+                               f"(lock {path}); if that run is gone, delete the lock file")
+        if owner is not None and _alive(owner):
+            raise RunDirLocked(f"{run_dir} is in use by another run (PID {owner['pid']}, lock {path}); "
+                               "wait for it to finish or stop it, or choose another run dir")
+        tomb = f"{path}.stale-{os.getpid()}"           # take over: one racer renames the stale file
+        try:
+            os.rename(path, tomb)
+        except FileNotFoundError:
+            continue
+        if _read_lock(tomb) != owner:                  # we grabbed a lock taken over meanwhile: put it back
+            os.rename(tomb, path)
+            continue
+        os.remove(tomb)
+        log.warning("%s: taking over the stale lock of %s, which is no longer running",
+                    run_dir, f"PID {owner['pid']}" if owner else "an unknown process (unreadable lock)")
+    else:
+        raise RunDirLocked(f"{run_dir}: could not take the lock {path} (contended); try again")
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            if _read_lock(path) == me:                 # never remove a lock that is not ours
+                os.remove(path)
+
+#----------------------------------------------------------------------------
+# resume=true on a run that already reached max_steps: nothing to train; re-export if needed.
+
+def finish_completed_run(run_dir: str, resume_path: str | None, max_steps: int, write: bool = True) -> dict | None:
+    """None unless `resume_path` is at (or past) max_steps; then the run is complete: the export
+    beside the run (lcm.safetensors / model.safetensors) is restored from that checkpoint's copy
+    if it is missing (write=False on ranks > 0), and a train()-style summary is returned."""
+    if resume_path is None or (step := load_step(resume_path)) < max_steps:
+        return None
+    exports = sorted(f for f in os.listdir(resume_path) if f != STATE_FILE and f.endswith(".safetensors"))
+    if len(exports) != 1:
+        raise FileNotFoundError(f"{resume_path}: expected one export beside {STATE_FILE}, found {exports}")
+    export = os.path.join(run_dir, exports[0])
+    note = f" (past train.max_steps={max_steps})" if step > max_steps else ""
+    if os.path.exists(export):
+        log.info("%s is complete at step %d%s: nothing to train; the export is %s", run_dir, step, note, export)
+    elif write:                                        # the checkpoint holds the same export, bit for bit
+        tmp = os.path.join(run_dir, f"{TMP_PREFIX}{exports[0]}")
+        shutil.copyfile(os.path.join(resume_path, exports[0]), tmp)
+        _fsync(tmp)
+        os.replace(tmp, export)
+        log.warning("%s is complete at step %d%s; its export was missing and is restored from %s",
+                    run_dir, step, note, resume_path)
+    return dict(step=step, status="done", run_dir=run_dir, nan_skipped=0, skipped_samples=0, export=export,
+                already_complete=True)
+
+
 def write_config(run_dir: str, config: dict) -> None:
     """The resolved config (credentials redacted), written once per run."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         with open(path, "w") as f:
             json.dump(redact(config), f, indent=1)
+
+
+WANDB_FILE = "wandb_run.json"         # the wandb run a run dir logged to (id, project, group, mode)
 
 
 @dataclass
@@ -229,6 +364,7 @@ class LoggerConfig:
     entity: str | None = None
     name: str | None = None
     tags: list = field(default_factory=list)
+    group: str | None = None            # wandb group; a Hydra multirun defaults it to the sweep folder's name
 
 
 class RunLogger:
@@ -240,9 +376,12 @@ class RunLogger:
         if mode != "disabled":
             import wandb
             self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, tags=list(cfg.tags),
-                                    dir=run_dir, mode=mode, id=run_id, resume="allow" if run_id else None,
-                                    config=redact(config))
+                                    group=cfg.group, dir=run_dir, mode=mode, id=run_id,
+                                    resume="allow" if run_id else None, config=redact(config))
             self.wandb.define_metric("*", step_metric="step")   # our step axis; wandb's own stays monotonic
+            with open(os.path.join(run_dir, WANDB_FILE), "w") as f:   # lets later tools add to this run
+                json.dump(dict(id=self.wandb.id, project=cfg.project, entity=cfg.entity, group=cfg.group,
+                               mode=mode), f)
         self.run_id = self.wandb.id if self.wandb is not None else run_id
 
     def log(self, metrics: dict, step: int) -> None:
@@ -256,9 +395,33 @@ class RunLogger:
             import wandb
             self.wandb.log({"step": step, key: wandb.Image(path, caption=caption)})
 
+    def summary(self, metrics: dict) -> None:
+        """Final figures of the run: wandb's run summary and <run_dir>/summary.json."""
+        with open(os.path.join(os.path.dirname(self.path), "summary.json"), "w") as f:
+            json.dump(metrics, f)
+        if self.wandb is not None:
+            self.wandb.summary.update(metrics)
+
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def log_summary(run_dir: str, metrics: dict) -> bool:
+    """Add final figures (e.g. an evaluation made after training) to the run's wandb summary, resuming
+    the run it logged to (offline: a new offline segment of the same run id, merged by `wandb sync`).
+    Returns False when the run did not log to wandb."""
+    path = os.path.join(run_dir, WANDB_FILE)
+    if not os.path.exists(path) or os.environ.get("WANDB_MODE") == "disabled":
+        return False
+    import wandb
+    with open(path) as f:
+        info = json.load(f)
+    run = wandb.init(id=info["id"], project=info["project"], entity=info["entity"], group=info["group"],
+                     dir=run_dir, mode=info["mode"], resume="allow")
+    run.summary.update(metrics)
+    run.finish()
+    return True
 
 
 def redact(config, keys=("token", "key", "secret", "password")):

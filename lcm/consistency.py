@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from models.checkpoint import json_object
 from solvers.schedule import TimeLike, expand_as
 
 #----------------------------------------------------------------------------
@@ -45,13 +46,23 @@ class ConsistencySpec:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "ConsistencySpec | None":
-        """Inverse of to_metadata; None if the metadata holds no LCM spec; unknown fields raise."""
+        """Inverse of to_metadata; None if the metadata holds no LCM spec; unknown fields, wrong types
+        and junk raise one ValueError naming the file (`meta.path` of models.checkpoint.FileMetadata)."""
         if META_KEY not in meta:
             return None
-        kw = json.loads(meta[META_KEY])
+        where = f"{meta.path}: " if getattr(meta, "path", None) else ""
+        kw = json_object(meta, META_KEY, where)
         unknown = set(kw) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown LCM spec fields {sorted(unknown)} in checkpoint metadata")
+            raise ValueError(f"{where}unknown LCM spec fields {sorted(unknown)[:5]} in {META_KEY} metadata "
+                             f"(known: {[f.name for f in fields(cls)]})")
+        ok = {"num_ddim_timesteps": lambda v: type(v) is int and 1 <= v <= 1000,
+              "sigma_data": lambda v: type(v) in (int, float) and 0 < v < float("inf"),
+              "timestep_scaling": lambda v: type(v) in (int, float) and 0 < v < float("inf")}
+        bad = [f"{k}={v!r:.40}" for k, v in kw.items() if not ok[k](v)]
+        if bad:
+            raise ValueError(f"{where}{META_KEY} metadata has invalid values {', '.join(bad)} (num_ddim_timesteps: "
+                             "an integer in [1, 1000]; sigma_data, timestep_scaling: positive numbers)")
         return cls(**kw)
 
     def check_matches(self, other: "ConsistencySpec", what: str = "checkpoint") -> None:

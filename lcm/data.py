@@ -2,8 +2,9 @@
 deterministic resumable sampler (USERS.md Sec. 6-7).
 
 Every source yields dict(image (3,H,W) in [-1,1], caption str, original_size (h, w),
-crop_top_left (top, left)). Unusable samples (corrupt image, empty caption) are skipped and
-counted, never fatal. The order of samples is a pure function of (seed, position), so a run
+crop_top_left (top, left)). Unusable samples (corrupt, vanished or oversized image, empty or
+non-UTF-8 caption, a shard deleted or truncated mid-run) are skipped and counted (the trainer logs
+`skipped_samples`), never fatal. The order of samples is a pure function of (seed, position), so a run
 resumes at the exact sample it stopped on, and a global batch is the same whatever the number
 of processes (rank r takes the r-th slice of it).
 """
@@ -27,23 +28,43 @@ from solvers.noise import randn
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_PIXELS = 2**26                                      # 67 Mpx (8192^2): larger images are skipped undecoded
 CAPTION_KEYS = ("text", "caption", "prompt")            # metadata.jsonl / tar json caption fields
 
 
 class SkipSample(Exception):
     """A sample that cannot be used (corrupt image, empty caption); the loader takes the next."""
 
+
+def decode_caption(raw: bytes) -> str:
+    """Caption file bytes -> text (UTF-8, a BOM allowed); another encoding is a skipped sample."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SkipSample(f"caption is not UTF-8 ({e.reason} at byte {e.start})") from None
+
 #----------------------------------------------------------------------------
 # Image preprocessing: resize the short side, crop a square, optionally flip (SDXL micro-cond ids).
 
-def load_image(data: bytes | str, resolution: int, crop: str, rng: random.Random, flip: bool = False
-               ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """Image file or bytes -> (image (3,R,R) in [-1,1], original (h, w), crop (top, left))."""
+def load_image(data: bytes | str, resolution: int, crop: str, rng: random.Random, flip: bool = False,
+               max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Image file or bytes -> (image (3,R,R) in [-1,1], original (h, w), crop (top, left)).
+
+    An image over max_pixels (a decompression bomb, a 20k x 20k scan) is skipped from its header,
+    before anything is decoded."""
+    import warnings
+
     from PIL import Image
     try:
-        img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        with warnings.catch_warnings():                     # the max_pixels guard below is ours
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        if img.size[0] * img.size[1] > max_pixels:
+            raise SkipSample(f"image of {img.size[0]}x{img.size[1]} pixels is over data.max_pixels={max_pixels}")
         img.load()
         img = img.convert("RGB")
+    except SkipSample:
+        raise
     except Exception as e:                                  # PIL raises many types on broken files
         raise SkipSample(f"unreadable image: {type(e).__name__}: {e}") from None
     w, h = img.size
@@ -75,21 +96,33 @@ def _caption(text) -> str:
 class ImageFolder(Dataset):
     """A folder of images; captions in metadata.jsonl ({"file_name", "text"}) or a .txt per image."""
 
-    def __init__(self, root: str, resolution: int = 512, crop: str = "center", flip: bool = False):
+    def __init__(self, root: str, resolution: int = 512, crop: str = "center", flip: bool = False,
+                 max_pixels: int = MAX_PIXELS):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data.root={root} is not a folder of images")
         self.root, self.resolution, self.crop, self.flip = root, resolution, crop, flip
+        self.max_pixels = max_pixels
         meta = os.path.join(root, "metadata.jsonl")
         if os.path.isfile(meta):
             self.items = []
-            with open(meta) as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
+            with open(meta, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    try:                                    # a caption in another encoding: that sample is skipped
+                        line, bad = raw.decode("utf-8-sig" if n == 1 else "utf-8"), None
+                    except UnicodeDecodeError as e:
+                        line, bad = raw.decode("utf-8", errors="surrogateescape"), e
+                    try:
                         row = json.loads(line)
-                        if "file_name" not in row:
-                            raise ValueError(f"{meta}:{n}: each line needs a 'file_name' key")
-                        text = next((row[k] for k in CAPTION_KEYS if k in row), None)
-                        self.items.append((os.path.join(root, row["file_name"]), text))
+                    except ValueError as e:
+                        raise ValueError(f"{meta}:{n}: not a JSON object ({e})") from None
+                    if not isinstance(row, dict) or "file_name" not in row:
+                        raise ValueError(f"{meta}:{n}: each line needs a 'file_name' key")
+                    text = next((row[k] for k in CAPTION_KEYS if k in row), None)
+                    if bad is not None:
+                        text = SkipSample(f"{meta}:{n}: caption is not UTF-8 ({bad.reason} at byte {bad.start})")
+                    self.items.append((os.path.join(root, row["file_name"]), text))
         else:
             files = sorted(p for p in glob(os.path.join(root, "**", "*"), recursive=True)
                            if p.lower().endswith(IMAGE_EXTS))
@@ -102,14 +135,19 @@ class ImageFolder(Dataset):
 
     def get(self, i: int, rng: random.Random) -> dict:
         path, text = self.items[i]
+        if isinstance(text, SkipSample):
+            raise text
         if text is None:
             txt = os.path.splitext(path)[0] + ".txt"
-            if not os.path.isfile(txt):
-                raise SkipSample(f"no caption file {txt}")
-            with open(txt, encoding="utf-8", errors="replace") as f:
-                text = f.read()
+            try:
+                with open(txt, "rb") as f:
+                    text = decode_caption(f.read())
+            except FileNotFoundError:
+                raise SkipSample(f"no caption file {txt}") from None
+            except OSError as e:                            # vanished or unreadable mid-run
+                raise SkipSample(f"unreadable caption file {txt}: {e}") from None
         caption = _caption(text)
-        image, size, crop = load_image(path, self.resolution, self.crop, rng, self.flip)
+        image, size, crop = load_image(path, self.resolution, self.crop, rng, self.flip, self.max_pixels)
         return dict(image=image, caption=caption, original_size=size, crop_top_left=crop)
 
 
@@ -119,13 +157,14 @@ class TarShards(Dataset):
     Members are indexed once at start, so the deterministic sampler and resume work as for
     folders; the `webdataset` package is not needed."""
 
-    def __init__(self, urls: str | list[str], resolution: int = 512, crop: str = "center", flip: bool = False):
+    def __init__(self, urls: str | list[str], resolution: int = 512, crop: str = "center", flip: bool = False,
+                 max_pixels: int = MAX_PIXELS):
         pats = [urls] if isinstance(urls, str) else list(urls)
         self.paths = sorted(p for pat in pats for p in (glob(pat) or [pat]))
         missing = [p for p in self.paths if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"tar shards not found: {missing[:3]} (local paths or globs only)")
-        self.resolution, self.crop, self.flip = resolution, crop, flip
+        self.resolution, self.crop, self.flip, self.max_pixels = resolution, crop, flip, max_pixels
         self.items: list[tuple[int, dict[str, tarfile.TarInfo]]] = []
         for s, p in enumerate(self.paths):
             groups: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -144,21 +183,37 @@ class TarShards(Dataset):
         return len(self.items)
 
     def _read(self, shard: int, member: tarfile.TarInfo) -> bytes:
-        tf = self._open.get(shard) or self._open.setdefault(shard, tarfile.open(self.paths[shard]))
-        return tf.extractfile(member).read()
+        """A member's bytes; a shard deleted, truncated or damaged since indexing is a skipped sample."""
+        try:
+            tf = self._open.get(shard) or self._open.setdefault(shard, tarfile.open(self.paths[shard]))
+            data = tf.extractfile(member).read()
+        except (OSError, EOFError, tarfile.TarError, AttributeError) as e:   # extractfile: None if no file
+            if (tf := self._open.pop(shard, None)) is not None:   # re-open next time (it may come back)
+                tf.close()
+            raise SkipSample(f"shard {self.paths[shard]} unreadable at {member.name}: "
+                             f"{type(e).__name__}: {e}") from None
+        if len(data) != member.size:
+            self._open.pop(shard).close()
+            raise SkipSample(f"shard {self.paths[shard]} truncated at {member.name} "
+                             f"({len(data)} of {member.size} bytes)")
+        return data
 
     def get(self, i: int, rng: random.Random) -> dict:
         shard, g = self.items[i]
         if "txt" in g:
-            text = self._read(shard, g["txt"]).decode("utf-8", errors="replace")
+            text = decode_caption(self._read(shard, g["txt"]))
         elif "json" in g:
-            row = json.loads(self._read(shard, g["json"]))
-            text = next((row[k] for k in CAPTION_KEYS if k in row), None)
+            try:
+                row = json.loads(decode_caption(self._read(shard, g["json"])))
+            except ValueError as e:
+                raise SkipSample(f"broken .json caption: {e}") from None
+            text = next((row[k] for k in CAPTION_KEYS if k in row), None) if isinstance(row, dict) else None
         else:
             raise SkipSample("no .txt or .json caption")
         caption = _caption(text)
         ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in g)
-        image, size, crop = load_image(self._read(shard, g[ext]), self.resolution, self.crop, rng, self.flip)
+        image, size, crop = load_image(self._read(shard, g[ext]), self.resolution, self.crop, rng, self.flip,
+                                       self.max_pixels)
         return dict(image=image, caption=caption, original_size=size, crop_top_left=crop)
 
     def __getstate__(self):                                 # open handles do not cross to workers
@@ -171,6 +226,7 @@ class TrainData(Dataset):
     """Wraps any source (`get(i, rng)` or `ds[i]` -> dict with image, caption) for the trainer."""
 
     MAX_SKIPS = 100
+    NEAR_SKIPS = 8                      # substitutes: the next indices, then seeded random ones (a dead shard is left)
 
     def __init__(self, source, seed: int = 0):
         self.source, self.seed = source, seed
@@ -182,8 +238,8 @@ class TrainData(Dataset):
 
     def __getitem__(self, key: int) -> dict:
         n = len(self.source)
-        for skip in range(self.MAX_SKIPS):
-            i = (key + skip) % n                            # deterministic substitute: the next index
+        for skip in range(self.MAX_SKIPS):                  # deterministic substitutes: a function of (seed, key, skip)
+            i = (key + skip) % n if skip < self.NEAR_SKIPS else hash_seed(self.seed, key, skip, "substitute") % n
             rng = random.Random(f"lcm-data/{self.seed}/{key}/{skip}")
             try:
                 item = self.source.get(i, rng) if hasattr(self.source, "get") else self.source[i]

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SOLVERS = ("lcm", "ddim", "dpmsolver", "dpmsolver++")
 DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024, "ssd1b": 1024}
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ckpt.PREDICTION_TYPES
 
 
 class Pipeline:
@@ -268,6 +268,8 @@ class Pipeline:
             z0 = self._encode_image(init_image, B, generator)
         if latents is None:
             latents = randn(shape, generator, device=self.device, dtype=torch.float32)
+        else:
+            _check_latents(latents, shape)
         x = latents.to(self.device, torch.float32)
         if z0 is not None:                    # img2img: noise the image latent to the first timestep
             x = self.schedule.alpha(ts[0]) * z0 + self.schedule.sigma(ts[0]) * x

@@ -220,11 +220,21 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective,
           dist: Dist | None = None, save_base: bool = False) -> dict:
     """Train `objective` on `pipe` and `dataset` (items: image (3,H,W) in [-1,1], caption); returns a
     summary. save_base: also write the frozen base as base.safetensors (a model built from scratch,
-    so that sample.py can load it together with a LoRA)."""
-    dist, logger, config = dist or Dist(), logger or ck.LoggerConfig(mode="disabled"), config or {}
+    so that sample.py can load it together with a LoRA). The run dir is locked while it runs (a
+    second trainer on it is refused; a dead one's stale lock is taken over)."""
+    dist = dist or Dist()
     check_config(cfg, objective, pipe)
+    with ck.lock_run_dir(run_dir) if dist.rank == 0 else contextlib.nullcontext():
+        return _train(pipe, dataset, cfg, run_dir, objective, logger, resume, config, dist, save_base)
+
+
+def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, logger, resume, config,
+           dist: Dist, save_base: bool) -> dict:
+    logger, config = logger or ck.LoggerConfig(mode="disabled"), config or {}
     root = os.path.join(run_dir, "checkpoints")
     resume_path = ck.resolve_resume(run_dir, resume)
+    if (done := ck.finish_completed_run(run_dir, resume_path, cfg.max_steps, write=dist.rank == 0)) is not None:
+        return done                                        # resume=true on a finished run: it is complete
     if dist.rank == 0:
         ck.prepare_run_dir(run_dir, fresh=resume_path is None and not resume)
         base = os.path.join(run_dir, "base.safetensors")

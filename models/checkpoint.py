@@ -33,13 +33,29 @@ FAMILY_HEADS = {"sd15": dict(num_heads=8), "sd21": dict(num_head_channels=64),
                 "sdxl": dict(num_head_channels=64), "ssd1b": dict(num_head_channels=64)}
 VAE_SCALE = {"sd15": 0.18215, "sd21": 0.18215, "sdxl": 0.13025, "ssd1b": 0.13025}
 SDXL_DEPTHS = [0, 0, 0, 0, 2, 2, 0, 10, 10]          # SDXL base: transformer depth per input block
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+CONFIG_KEY = "lcm.config"                            # the architecture a file written by this project carries
 
 #----------------------------------------------------------------------------
-# Reading files.
+# Reading files. Every error about a file's content is one line that names the file.
+
+
+class FileMetadata(dict):
+    """A file's metadata (str -> str) that remembers the file (`.path`), so errors found later name it."""
+
+    def __init__(self, items=(), path: str | None = None):
+        super().__init__(items)
+        self.path = path
+
+
+def named_error(path: str | None, e: Exception | str) -> ValueError:
+    """A one-line ValueError about `path`, prefixed with it unless the message already names it."""
+    msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return ValueError(msg if path is None or path in msg else f"{path}: {msg}")
 
 
 def load_file(path: str) -> tuple[dict, dict]:
-    """Read a checkpoint as (state_dict, metadata), refusing anything that could run code."""
+    """Read a checkpoint as (state_dict, FileMetadata), refusing anything that could run code."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder; pass a single-file checkpoint (.safetensors or .ckpt). "
@@ -47,9 +63,10 @@ def load_file(path: str) -> tuple[dict, dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        return _load_safetensors(path)
+        sd, meta = _load_safetensors(path)
+        return sd, FileMetadata(meta, path)
     if path.endswith(PICKLE_SUFFIXES):
-        return _load_pickle(path), {}
+        return _load_pickle(path), FileMetadata({}, path)
     raise ValueError(f"unknown checkpoint extension for {path}: expected .safetensors or one of "
                      f"{', '.join(PICKLE_SUFFIXES)}")
 
@@ -70,7 +87,7 @@ def _load_safetensors(path: str) -> tuple[dict, dict]:
             meta = dict(f.metadata() or {})
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:                           # SafetensorsError and friends: say what it is
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise named_error(None, f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     return sd, meta
 
 
@@ -82,12 +99,13 @@ def _load_pickle(path: str) -> dict:
                          f"objects other than tensors ({str(e).splitlines()[0][:200]}). Nothing was "
                          "executed. Convert it to .safetensors with a tool you trust.") from None
     except Exception as e:
-        raise ValueError(f"{path} could not be read as a weights-only checkpoint (truncated or "
-                         f"corrupt?): {e}") from None
+        raise named_error(None, f"{path} could not be read as a weights-only checkpoint (truncated or "
+                                f"corrupt?): {type(e).__name__}: {e}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a flat dict of tensors (a state_dict)")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise ValueError(f"{path} does not hold a flat dict of named tensors (a state_dict)")
     return obj
 
 
@@ -156,6 +174,8 @@ def load_strict(module: nn.Module, sd: dict, what: str, family: str) -> None:
     extra = [k for k in sd if k not in ours]
     bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}"
            for k in sd.keys() & ours.keys() if sd[k].shape != ours[k].shape]
+    bad += [f"{k}: file dtype {sd[k].dtype} vs model {ours[k].dtype}" for k in sd.keys() & ours.keys()
+            if sd[k].is_floating_point() != ours[k].is_floating_point()]
     if missing or extra or bad:
         fam = FAMILY_NAMES.get(family, family)
         raise ValueError(f"{what} weights do not fit the detected {fam} architecture: "
@@ -185,14 +205,34 @@ class Components:
 
 
 def build_components(sd: dict, metadata: dict, dtype: torch.dtype = torch.float32) -> Components:
-    """Build UNet, VAE and text conditioner from a full original-layout state dict, strictly."""
+    """Build UNet, VAE and text conditioner from a full original-layout state dict, strictly.
+
+    Every problem with the file's content is one ValueError naming the file (`metadata.path`, as
+    load_file returns it)."""
+    try:
+        return _build_components(sd, metadata, dtype)
+    except ValueError as e:
+        raise named_error(getattr(metadata, "path", None), e) from None
+
+
+def _build_components(sd: dict, metadata: dict, dtype: torch.dtype) -> Components:
     from models.text import build_text_conditioner
     from models.unet import UNetModel, infer_unet_config
     from models.vae import AutoencoderKL, infer_vae_config
     sd = drop_ignored(sd)
-    check_finite(sd, "checkpoint")
-    saved = json.loads(metadata["lcm.config"]) if "lcm.config" in metadata else None
-    family = saved["family"] if saved else detect_family(sd)
+    check_finite(sd, getattr(metadata, "path", None) or "checkpoint")
+    saved = saved_config(metadata)
+    if "prediction_type" in metadata and metadata["prediction_type"] not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type metadata {metadata['prediction_type'][:40]!r} is not one of "
+                         f"{PREDICTION_TYPES}")
+    if saved:
+        family = saved["family"]
+    else:
+        try:
+            family = detect_family(sd)
+        except ValueError as e:
+            raise ValueError(f"{e}; and the file has no {CONFIG_KEY} metadata, which files this project "
+                             "writes carry (was it stripped or re-saved by another tool?)") from None
     unet_sd, vae_sd = split_prefix(sd, UNET_PREFIX), split_prefix(sd, VAE_PREFIX)
     leftover = [k for k in sd if not k.startswith((UNET_PREFIX, VAE_PREFIX) + TEXT_PREFIXES)]
     if leftover:
@@ -203,16 +243,107 @@ def build_components(sd: dict, metadata: dict, dtype: torch.dtype = torch.float3
                          "single-file checkpoint.")
     if saved:
         unet_cfg, vae_cfg = saved["unet"], saved["vae"]
+        _check_against_weights("unet", unet_cfg, _guard("the UNet weights", lambda: infer_unet_config(
+            unet_sd, **{k: unet_cfg[k] for k in ("num_heads", "num_head_channels") if k in unet_cfg})))
+        _check_against_weights("vae", vae_cfg, _guard("the VAE weights", lambda: infer_vae_config(vae_sd)))
+        _check_text_against_weights(saved, sd)
     else:
-        unet_cfg = infer_unet_config(unet_sd, **FAMILY_HEADS[family])
+        unet_cfg = _guard("the UNet weights", lambda: infer_unet_config(unet_sd, **FAMILY_HEADS[family]))
         unet_cfg["upcast_attention"] = family == "sd21"   # SD2.x attention overflows in fp16
-        vae_cfg = {**infer_vae_config(vae_sd), "scale_factor": VAE_SCALE[family]}
+        vae_cfg = {**_guard("the VAE weights", lambda: infer_vae_config(vae_sd)), "scale_factor": VAE_SCALE[family]}
+    what = f"{CONFIG_KEY} metadata" if saved else "the weights"
     with torch.device("meta"):
-        unet, vae = UNetModel(**unet_cfg), AutoencoderKL(**vae_cfg)
+        unet = _guard(f"a UNet from {what}", lambda: UNetModel(**unet_cfg))
+        vae = _guard(f"a VAE from {what}", lambda: AutoencoderKL(**vae_cfg))
     load_strict(unet, unet_sd, "UNet", family)
     load_strict(vae, vae_sd, "VAE", family)
-    text = build_text_conditioner(saved["text_family"] if saved else family, sd,
-                                  dtype=torch.float32, **({"config": saved["text"]} if saved else {}))
+    text = _guard(f"the text encoder from {what}", lambda: build_text_conditioner(
+        saved["text_family"] if saved else family, sd, dtype=torch.float32,
+        **({"config": saved["text"]} if saved else {})))
     config = {"family": family, "unet": unet_cfg, "vae": vae_cfg,
               **{k: saved[k] for k in ("default_size", "text_family", "prediction_type") if k in (saved or {})}}
     return Components(unet.to(dtype), vae, text.to(dtype), family, config, metadata)
+
+#----------------------------------------------------------------------------
+# The saved architecture (`lcm.config`) is untrusted input too: parsed, typed, checked against the
+# weights before anything is built from it (a junk depth of 10**6 would otherwise build for minutes).
+
+# Sizes that the weights determine; a saved config must agree with them.
+_STRUCTURE = {"unet": ("in_channels", "out_channels", "model_channels", "num_res_blocks", "channel_mult",
+                       "transformer_depth", "transformer_depth_middle", "transformer_depth_output",
+                       "context_dim", "use_linear_in_transformer", "adm_in_channels", "time_cond_proj_dim"),
+              "vae": ("ch", "ch_mult", "num_res_blocks", "in_channels", "out_ch", "z_channels", "embed_dim")}
+
+
+def json_object(metadata: dict, key: str, where: str = "") -> dict:
+    """metadata[key] parsed as a JSON object, else one ValueError (prefixed with `where`)."""
+    try:
+        obj = json.loads(metadata[key])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}{key} metadata is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}{key} metadata must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def saved_config(metadata: dict) -> dict | None:
+    """The parsed `lcm.config` of a file (None when absent), its top-level fields type-checked."""
+    if CONFIG_KEY not in metadata:
+        return None
+    cfg = json_object(metadata, CONFIG_KEY)
+    kinds = {"family": str, "text_family": str, "unet": dict, "vae": dict, "text": dict}
+    wrong = [f"{k} ({'missing' if k not in cfg else type(cfg[k]).__name__})" for k, t in kinds.items()
+             if not isinstance(cfg.get(k), t)]
+    if wrong:
+        raise ValueError(f"{CONFIG_KEY} metadata lacks or mistypes {', '.join(wrong)} (expected "
+                         f"{', '.join(f'{k}: {t.__name__}' for k, t in kinds.items())})")
+    if cfg["family"] not in FAMILY_NAMES:
+        raise ValueError(f"{CONFIG_KEY} metadata names an unknown family {cfg['family'][:40]!r}; known: "
+                         f"{sorted(FAMILY_NAMES)}")
+    size = cfg.get("default_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= 2**16:
+        raise ValueError(f"{CONFIG_KEY} metadata: default_size must be a positive integer, got {size!r:.40}")
+    scale = cfg["vae"].get("scale_factor", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ValueError(f"{CONFIG_KEY} metadata: vae.scale_factor must be a positive number, got {scale!r:.40}")
+    if cfg.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+        raise ValueError(f"{CONFIG_KEY} metadata: prediction_type must be one of {PREDICTION_TYPES}, got "
+                         f"{cfg['prediction_type']!r:.40}")
+    return cfg
+
+
+def _check_against_weights(part: str, saved: dict, inferred: dict) -> None:
+    """Raise when the saved sizes of `part` disagree with what its weights show."""
+    def norm(x):
+        return list(x) if isinstance(x, (list, tuple)) else x
+    off = [f"{k} {norm(saved[k])!r:.40} (weights: {norm(inferred[k])!r})" for k in _STRUCTURE[part]
+           if k in saved and k in inferred and not (k == "transformer_depth_output" and saved[k] is None)
+           and norm(saved[k]) != norm(inferred[k])]
+    if off:
+        raise ValueError(f"{CONFIG_KEY} metadata does not match the {part.upper()} weights: {', '.join(off[:3])}")
+
+
+def _check_text_against_weights(saved: dict, sd: dict) -> None:
+    """Raise when the saved text towers disagree in number or size with the text weights."""
+    from models.text import infer_text_config, text_state_dicts
+    towers = saved["text"].get("towers")
+    parts = text_state_dicts(saved["text_family"], sd)
+    if not isinstance(towers, list) or len(towers) != len(parts) or not all(isinstance(t, dict) for t in towers):
+        raise ValueError(f"{CONFIG_KEY} metadata: text.towers must be a list of {len(parts)} tower configs "
+                         f"for the {len(parts)} text encoders in the file, got {str(towers)[:60]}")
+    for i, (tower, part) in enumerate(zip(towers, parts)):
+        inferred = _guard(f"text encoder {i} from its weights", lambda: infer_text_config(part))
+        off = [f"{k} {tower[k]!r:.40} (weights: {inferred[k]!r})" for k in
+               ("width", "layers", "vocab_size", "context_length", "proj_dim") if k in tower and tower[k] != inferred[k]]
+        if off:
+            raise ValueError(f"{CONFIG_KEY} metadata does not match text encoder {i}'s weights: {', '.join(off[:3])}")
+
+
+def _guard(what: str, build):
+    """Run build() on file-given sizes; any failure becomes one ValueError saying what was built."""
+    try:
+        return build()
+    except ValueError:
+        raise
+    except Exception as e:                           # assert/TypeError/ZeroDivisionError on junk sizes
+        raise ValueError(f"cannot build {what} ({type(e).__name__}: {e})") from None

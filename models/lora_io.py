@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.checkpoint import CONTEXT_DIM_FAMILY, FAMILY_NAMES, load_file
+from models.checkpoint import CONTEXT_DIM_FAMILY, FAMILY_NAMES, check_finite, load_file, named_error
 from models.keymaps import unet_module_ldm_to_diffusers
 from models.lora import LoRAParamDelta, add_lora_weights, lora_names, lora_state
 
@@ -47,6 +47,7 @@ def read_lora_file(path: str) -> tuple[dict, dict]:
                 meta_extra[PEFT_META_KEY] = f.read()
         path = found[0]
     sd, meta = load_file(path)                       # safetensors, or torch.load(weights_only=True)
+    check_finite(sd, f"LoRA {path}")
     return sd, {**meta, **meta_extra}
 
 #----------------------------------------------------------------------------
@@ -82,16 +83,24 @@ def _peft_meta(metadata: dict, tower: str) -> dict:
     raw = (metadata or {}).get(PEFT_META_KEY)
     if not raw:
         return {}
-    cfg = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    try:
+        cfg = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{PEFT_META_KEY} metadata is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{PEFT_META_KEY} metadata must be a JSON object, got {type(cfg).__name__}")
     pref = {k[len(tower) + 1:]: v for k, v in cfg.items() if k.startswith(tower + ".")}
     return pref or {k: v for k, v in cfg.items() if "." not in k}
 
 
 def _alpha_from_peft(cfg: dict, module: str, rank: int) -> float:
-    for pat, a in (cfg.get("alpha_pattern") or {}).items():   # peft's own pattern rule
-        if re.match(rf"(.*\.)?({pat})$", module):
-            return float(a)
-    return float(cfg.get("lora_alpha", rank))                 # no alpha anywhere: alpha = rank
+    try:
+        for pat, a in (cfg.get("alpha_pattern") or {}).items():   # peft's own pattern rule
+            if re.match(rf"(.*\.)?({pat})$", module):
+                return float(a)
+        return float(cfg.get("lora_alpha", rank))                 # no alpha anywhere: alpha = rank
+    except (AttributeError, TypeError, re.error) as e:            # junk metadata: say where
+        raise ValueError(f"{PEFT_META_KEY} metadata: unusable alpha_pattern / lora_alpha ({e})") from None
 
 #----------------------------------------------------------------------------
 # Candidate names from the model.
@@ -156,6 +165,7 @@ class LoadReport:
     file_family: str = "unknown"                      # from the file's cross-attention width
     model_family: str = "unknown"
     file_ctx: int | None = None
+    metadata: dict = field(default_factory=dict)      # the file's safetensors metadata (e.g. lcm.spec)
     model_ctx: int | None = None
     file_blocks: int = 0                              # transformer blocks (attn1.to_q count)
     model_blocks: int = 0
@@ -216,6 +226,15 @@ def _group(sd: dict) -> dict:
     bad = [f"{t}:{m}" for (t, m), g in groups.items() if not {"down", "up"} <= g.keys()]
     if bad:
         raise ValueError(f"{len(bad)} LoRA modules lack their down or up weight (first: {bad[:3]})")
+    def usable(part, v):                              # down (r, in[, kh, kw]), up (out, r[, 1, 1]), r >= 1
+        if part == "alpha":
+            return v.numel() == 1 and v.dtype != torch.bool
+        return v.is_floating_point() and v.ndim in (2, 4) and v.shape[part == "up"] >= 1
+    odd = [f"{m}.{p} {str(v.dtype).removeprefix('torch.')}{tuple(v.shape)}" for (_, m), g in groups.items()
+           for p, v in g.items() if not usable(p, v)]
+    if odd:                                           # before anything is installed: no half-loaded adapter
+        raise ValueError(f"{len(odd)} LoRA tensors are neither floating-point down/up matrices of rank >= 1 "
+                         f"nor a scalar alpha (first: {odd[:3]})")
     return groups
 
 
@@ -270,22 +289,27 @@ def load_lora(model: nn.Module, source, name: str | None = None, scale: float = 
     skips those keys (counted in the report). Any unmatched or mis-shaped module, or a LoRA of
     another family, raises unless strict=False, which loads what fits and warns with the counts.
     """
+    path = None
     if isinstance(source, (str, os.PathLike)):
-        sd, metadata = read_lora_file(source)
-        name = name or os.path.splitext(os.path.basename(os.fspath(source).rstrip("/")))[0]
+        path = os.fspath(source)
+        sd, metadata = read_lora_file(path)
+        name = name or os.path.splitext(os.path.basename(path.rstrip("/")))[0]
     else:
         sd, metadata = source if isinstance(source, tuple) else (source, {})
         name = name or "lora"
     if name in lora_names(model) or any(name in lora_names(e) for e in text_encoders or []):
         raise ValueError(f"an adapter named {name!r} is already loaded; pick another name or remove_lora it")
-    unet, text, rep = match_lora(model, sd, metadata, text_encoders)
-    rep.name = name
+    try:                                              # a problem with the file's content names the file
+        unet, text, rep = match_lora(model, sd, metadata, text_encoders)
+    except ValueError as e:
+        raise named_error(path, e) from None
+    rep.name, rep.metadata = name, dict(metadata or {})
     if rep.unmatched or rep.mismatched or rep.shallower:
         msg = (f"LoRA {name!r}: {rep.matched} modules matched, {len(rep.unmatched)} unmatched (first: "
                f"{rep.unmatched[:3]}), {len(rep.mismatched)} with the wrong shape (first: {rep.mismatched[:2]}).")
         msg = (rep.family_error() + " " if rep.family_error() else "") + msg
         if strict:
-            raise ValueError(msg + " Pass strict=False to load only what fits.")
+            raise named_error(path, msg + " Pass strict=False to load only what fits.")
         log.warning("%s Loading the %d modules that fit (strict=False).", msg, rep.matched)
     add_lora_weights(model, name, unet, scale, dtype)
     for owner, param, row, tag, down, up, alpha in text:
