@@ -26,7 +26,8 @@ import time
 import torch
 
 STEPS = (1, 2, 4, 8)
-CURVE_STEPS = 4                                 # the paper's figure: 4-step sampling vs training iterations
+CURVE_STEPS = (4, 1)                            # the paper's figure: 4-step sampling vs training iterations;
+                                                # 1 step too (4 steps saturate on the demo world)
 SOLVER_NAMES = {"ddim": "DDIM", "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM-Solver++"}
 
 #----------------------------------------------------------------------------
@@ -97,13 +98,22 @@ def evaluate(runs: list[dict], teacher: str, evaluator: str, n: int, seed: int, 
 
     for r in runs:
         path = os.path.join(r["run"], "eval.json")
+        res = {}
         if os.path.exists(path) and not force:
+            with open(path) as f:
+                res = json.load(f)
+        todo = [s for s in CURVE_STEPS if f"curve{s}" not in res and not (s == 4 and "curve" in res)]
+        if res and not todo:
             continue
         t0 = time.perf_counter()
-        final = metrics(r["lora"], STEPS)
-        curve = {str(step): metrics(f, (CURVE_STEPS,))[str(CURVE_STEPS)] for step, f in checkpoints(r["run"])}
-        curve[str(r["steps_trained"])] = final[str(CURVE_STEPS)]
-        res = dict(n_prompts=n, seed=seed, final=final, curve=curve, seconds=time.perf_counter() - t0)
+        final = res.get("final") or metrics(r["lora"], STEPS)
+        if "curve" in res:                               # files written before the 1-step curve existed
+            res["curve4"] = res.pop("curve")
+        for s in todo:
+            curve = {str(step): metrics(f, (s,))[str(s)] for step, f in checkpoints(r["run"])}
+            curve[str(r["steps_trained"])] = final[str(s)]
+            res[f"curve{s}"] = curve
+        res.update(n_prompts=n, seed=seed, final=final, seconds=res.get("seconds", 0) + time.perf_counter() - t0)
         with open(path + ".tmp", "w") as f:
             json.dump(res, f, indent=1)
         os.replace(path + ".tmp", path)
@@ -126,31 +136,39 @@ def load_results(runs: list[dict]) -> list[dict]:
             continue
         with open(path) as f:
             r = dict(r, **json.load(f))
+        if "curve" in r:                                 # written before the 1-step curve existed
+            r["curve4"] = r.pop("curve")
         r["metrics"] = {int(s): m for s, m in r["final"].items() if s.isdigit()}
         out.append(r)
     return out
 
 
 def plot(runs: list[dict], path: str) -> None:
-    """The paper's figure form: 4-step metric vs training step, one line per k, one panel per Psi."""
+    """The paper's figure form: metric vs training step, one line per k, one panel per Psi (rows:
+    1-step accuracy, 1-step and 4-step Frechet distance)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     grid = [r for r in runs if r["sweep"] == "psi_k"] or runs
     solvers = [s for s in SOLVER_NAMES if any(r["psi"] == s for r in grid)]
-    fig, axes = plt.subplots(2, len(solvers), figsize=(4 * len(solvers), 6.5), sharey="row", squeeze=False)
+    rows = [(1, "acc", "prompt accuracy, 1 step (%)"), (1, "fd", "Frechet distance, 1 step"),
+            (4, "fd", "Frechet distance, 4 steps")]
+    rows = [row for row in rows if all(f"curve{row[0]}" in r for r in grid)]
+    fig, axes = plt.subplots(len(rows), len(solvers), figsize=(4 * len(solvers), 3 * len(rows)), sharey="row",
+                             squeeze=False)
     for col, psi in enumerate(solvers):
         for r in sorted((r for r in grid if r["psi"] == psi), key=lambda r: r["k"]):
-            xs = sorted(int(s) for s in r["curve"])
-            axes[0, col].plot(xs, [100 * r["curve"][str(x)]["acc"] for x in xs], "o-", label=f"k = {r['k']}")
-            axes[1, col].plot(xs, [r["curve"][str(x)]["fd"] for x in xs], "o-", label=f"k = {r['k']}")
+            for i, (steps, key, _) in enumerate(rows):
+                c = r[f"curve{steps}"]
+                xs = sorted(int(s) for s in c)
+                ys = [(100 if key == "acc" else 1) * c[str(x)][key] for x in xs]
+                axes[i, col].plot(xs, ys, "o-", label=f"k = {r['k']}")
         axes[0, col].set_title(f"teacher solver: {SOLVER_NAMES[psi]}")
-        axes[1, col].set_xlabel("training step")
-        axes[1, col].set_yscale("log")
+        axes[-1, col].set_xlabel("training step")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel(f"prompt accuracy, {CURVE_STEPS} steps (%)")
-    axes[1, 0].set_ylabel(f"Frechet distance, {CURVE_STEPS} steps (log)")
+    for i, (_, _, label) in enumerate(rows):
+        axes[i, 0].set_ylabel(label)
     axes[0, 0].legend()
     fig.suptitle("Demo world: LCM-LoRA (EMA target, guidance 1.0) vs training step, per skipping step k and Psi")
     fig.tight_layout()

@@ -23,7 +23,7 @@ def test_runs_are_found_and_reported_from_their_dirs(tmp_path):
             continue
         final = {str(s): dict(acc=0.5 + k / 200, fd=100.0 / rank) for s in (1, 2, 4, 8)}
         curve = {"50": dict(acc=0.4, fd=90.0), "100": final["4"]}
-        (run / "eval.json").write_text(json.dumps(dict(final=final, curve=curve)))
+        (run / "eval.json").write_text(json.dumps(dict(final=final, curve4=curve, curve1=curve)))
     runs = runs_in([str(tmp_path / "psi_k")])
     assert sorted((r["psi"], r["k"], r["rank"]) for r in runs) == sorted(j for i, j in enumerate(jobs) if i != 2)
     assert checkpoints(str(tmp_path / "psi_k" / "0")) == [(50, str(tmp_path / "psi_k/0/checkpoints/step_0000050/lcm.safetensors"))]
