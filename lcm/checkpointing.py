@@ -1,4 +1,4 @@
-"""Atomic checkpoints and resume state, all in safetensors (USERS.md Sec. 7).
+"""Atomic checkpoints and resume state, all in safetensors (docs/users.md Sec. 7).
 
 A checkpoint is a folder `checkpoints/step_XXXXXXX/` written as `.tmp-step_XXXXXXX-<pid>/` and
 renamed into place with os.replace, so a folder without the tmp prefix is always complete: a
@@ -485,7 +485,7 @@ def truncate_metrics(path: str, step: int) -> None:
 
 def training_state(step: int, trainables: list, optimizer, scheduler, scaler, ema, rngs: list,
                    global_batch: int, wandb_id: str | None) -> dict:
-    """Everything a resume needs (USERS.md Sec. 7); `rngs` holds every rank's RNG state."""
+    """Everything a resume needs (docs/users.md Sec. 7); `rngs` holds every rank's RNG state."""
     return dict(step=step, trainables={n: p for n, p in trainables}, optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                 ema=None if ema is None else ema.state_dict(), rng=rngs, world_size=len(rngs),

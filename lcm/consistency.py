@@ -1,4 +1,4 @@
-"""The consistency function on SD latents (PAPER Sec. 2) and the w-embedding (Sec. 3.2)."""
+"""The consistency function on SD latents (docs/method.md Sec. 2) and the w-embedding (Sec. 3.2)."""
 from __future__ import annotations
 
 import json
@@ -36,7 +36,7 @@ META_KEY = "lcm.spec"
 
 @dataclass(frozen=True)
 class ConsistencySpec:
-    num_ddim_timesteps: int = 50       # origin grid size N; skip k = T // N (PAPER Sec. 3 step 2)
+    num_ddim_timesteps: int = 50       # origin grid size N; skip k = T // N (docs/method.md Sec. 3, step 2)
     sigma_data: float = 0.5            # boundary scalings
     timestep_scaling: float = 10.0     # s = timestep_scaling * t inside c_skip / c_out only
 

@@ -1,5 +1,5 @@
 """Training data: image folders with captions, webdataset-format tars, in-memory datasets, and a
-deterministic resumable sampler (USERS.md Sec. 6-7).
+deterministic resumable sampler (docs/users.md Sec. 6-7).
 
 Every source yields dict(image (3,H,W) in [-1,1], caption str, original_size (h, w),
 crop_top_left (top, left)). Unusable samples (corrupt, vanished or oversized image, empty or

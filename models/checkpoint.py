@@ -25,7 +25,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 IGNORED = re.compile(r"^(model_ema\.|betas$|alphas_cumprod|alphas_cumprod_prev$|sqrt_|log_one_minus_"
                      r"|posterior_|logvar$|lvlb_weights$|.*position_ids$|.*logit_scale$|.*\.attn_mask$)")
 
-# Cross-attention width -> family (USERS.md Sec. 4); SDXL and SSD-1B also carry label_emb.
+# Cross-attention width -> family (docs/users.md Sec. 4); SDXL and SSD-1B also carry label_emb.
 CONTEXT_DIM_FAMILY = {768: "sd15", 1024: "sd21", 2048: "sdxl"}
 FAMILY_NAMES = {"sd15": "SD1.x", "sd21": "SD2.x", "sdxl": "SDXL", "ssd1b": "SSD-1B", "demo": "demo"}
 # Head layout is not in the weights: SD1 uses 8 heads, SD2/SDXL 64 channels per head.

@@ -1,6 +1,6 @@
 """LoRA files in and out: kohya (diffusers or SGM paths), diffusers/PEFT, old diffusers, native.
 
-USERS.md Sec. 3-4. Every file is turned into ours, {ldm_module_name: (down, up, alpha)}, by matching
+docs/users.md Sec. 3-4. Every file is turned into ours, {ldm_module_name: (down, up, alpha)}, by matching
 its module keys against candidate names built from *the model's own modules* (our LDM name ->
 diffusers path via models.keymaps), so underscored kohya names are never parsed back and one
 function serves SD1/SD2/SDXL/SSD-1B. Text-encoder LoRAs go onto open_clip towers as row deltas.
@@ -152,7 +152,7 @@ def text_candidates(encoder: nn.Module) -> dict[str, tuple[nn.Module, str, int, 
     return cand
 
 #----------------------------------------------------------------------------
-# Families, for errors that name the fix (USERS.md Sec. 3).
+# Families, for errors that name the fix (docs/users.md Sec. 3).
 
 
 @dataclass
