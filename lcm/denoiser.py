@@ -19,7 +19,7 @@ def unet_net_fn(unet: nn.Module, cond: Conditioning, uncond: Conditioning | None
     w (B,): the LCM guidance weight fed to a w-embedding UNet (a full LCM; ignored otherwise).
     t: () (broadcast to the batch) or (B,) / (2B,) per sample. dtype: the UNet's input dtype."""
     w_dim = getattr(unet, "time_cond_proj_dim", None)
-    emb = None if w is None or w_dim is None else guidance_embedding(w.float().cpu(), w_dim)
+    emb = None if w is None or w_dim is None else guidance_embedding(w.float(), w_dim)   # on w's device
     both = None if uncond is None else cond.cat(uncond)
 
     def net(x: torch.Tensor, t: torch.Tensor, with_uncond: bool) -> torch.Tensor:
