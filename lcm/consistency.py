@@ -29,20 +29,35 @@ def f_theta(z: torch.Tensor, x0_hat: torch.Tensor, t: TimeLike,
     return expand_as(c_skip, z) * z + expand_as(c_out, z) * x0_hat
 
 #----------------------------------------------------------------------------
-# The LCM spec a checkpoint was distilled with; the sampler grid and scalings must agree with it.
+# The spec a few-step checkpoint was distilled with; the sampler grid and scalings must agree with it.
 
 META_KEY = "lcm.spec"
+OBJECTIVES = ("lcm", "tcd", "pcm")    # which few-step sampler the weights expect (solver of the same name)
 
 
 @dataclass(frozen=True)
 class ConsistencySpec:
     num_ddim_timesteps: int = 50       # origin grid size N; skip k = T // N (docs/method.md Sec. 3, step 2)
-    sigma_data: float = 0.5            # boundary scalings
+    sigma_data: float = 0.5            # boundary scalings (LCM only; TCD and PCM use the DDIM form)
     timestep_scaling: float = 10.0     # s = timestep_scaling * t inside c_skip / c_out only
+    objective: str = "lcm"             # lcm | tcd | pcm: the distillation objective = the matching sampler
+    phases: int | None = None          # PCM: the number of phases M (its default step count); else None
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"spec objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if (self.phases is not None) != (self.objective == "pcm"):
+            raise ValueError(f"spec phases={self.phases!r}: PCM specs need a phase count M >= 1, others none")
+        if self.phases is not None and not 1 <= self.phases <= self.num_ddim_timesteps:
+            raise ValueError(f"PCM phases M={self.phases} must be in [1, num_ddim_timesteps={self.num_ddim_timesteps}]")
 
     def to_metadata(self) -> dict[str, str]:
-        """{'lcm.spec': json} for safetensors metadata."""
-        return {META_KEY: json.dumps(asdict(self), sort_keys=True)}
+        """{'lcm.spec': json} for safetensors metadata (an LCM spec omits objective and phases, so
+        files read as before)."""
+        d = asdict(self)
+        if self.objective == "lcm":
+            d.pop("objective"), d.pop("phases")
+        return {META_KEY: json.dumps(d, sort_keys=True)}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "ConsistencySpec | None":
@@ -58,12 +73,18 @@ class ConsistencySpec:
                              f"(known: {[f.name for f in fields(cls)]})")
         ok = {"num_ddim_timesteps": lambda v: type(v) is int and 1 <= v <= 1000,
               "sigma_data": lambda v: type(v) in (int, float) and 0 < v < float("inf"),
-              "timestep_scaling": lambda v: type(v) in (int, float) and 0 < v < float("inf")}
+              "timestep_scaling": lambda v: type(v) in (int, float) and 0 < v < float("inf"),
+              "objective": lambda v: v in OBJECTIVES,
+              "phases": lambda v: v is None or (type(v) is int and 1 <= v <= 1000)}
         bad = [f"{k}={v!r:.40}" for k, v in kw.items() if not ok[k](v)]
         if bad:
             raise ValueError(f"{where}{META_KEY} metadata has invalid values {', '.join(bad)} (num_ddim_timesteps: "
-                             "an integer in [1, 1000]; sigma_data, timestep_scaling: positive numbers)")
-        return cls(**kw)
+                             "an integer in [1, 1000]; sigma_data, timestep_scaling: positive numbers; objective: "
+                             f"one of {', '.join(OBJECTIVES)}; phases: null or an integer >= 1)")
+        try:
+            return cls(**kw)
+        except ValueError as e:
+            raise ValueError(f"{where}{META_KEY} metadata: {e}") from None
 
     def check_matches(self, other: "ConsistencySpec", what: str = "checkpoint") -> None:
         """Raise if two specs disagree (e.g. a sampler configured differently from the checkpoint)."""

@@ -18,13 +18,17 @@ from models import lora_io
 from models.text import Conditioning
 from solvers import ddim, dpm_solver
 from solvers import lcm as lcm_solver
+from solvers import tcd as tcd_solver
 from solvers.noise import randn
-from solvers.schedule import Schedule, lcm_timesteps, on_lcm_grid, spaced_timesteps
+from solvers.schedule import Schedule, lcm_timesteps, on_lcm_grid, pcm_timesteps, spaced_timesteps
 from solvers.wrappers import GuidedModel, lcm_w
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("lcm", "ddim", "dpmsolver", "dpmsolver++")
+SOLVERS = ("lcm", "tcd", "pcm", "ddim", "euler", "dpmsolver", "dpmsolver++")
+FEW_STEP = ("lcm", "tcd", "pcm")      # samplers of distilled weights: their grid comes from the spec
+SPACINGS = ("leading", "trailing", "linspace")
+DEFAULT_ETA = {"ddim": 0.0, "tcd": 0.3}   # DDIM's eta; TCD's gamma (diffusers' TCDScheduler default)
 DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024, "ssd1b": 1024}
 PREDICTION_TYPES = ckpt.PREDICTION_TYPES
 
@@ -249,18 +253,20 @@ class Pipeline:
     def __call__(self, prompt, negative_prompt=None, steps: int = 4, guidance_scale: float = 1.0,
                  solver: str = "lcm", timesteps=None, height=None, width=None, seed=None,
                  generator=None, latents=None, init_image=None, strength: float = 1.0,
-                 output: str = "pil", progress: bool = True, eta: float = 0.0):
+                 output: str = "pil", progress: bool = True, eta: float | None = None,
+                 spacing: str | None = None):
         """Generate images. See the README's Python API for the meaning of every argument."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height, width = height or self.default_size, width or self.default_size
         self._check_args(prompts, steps, guidance_scale, solver, timesteps, height, width,
                          strength, output, init_image)
+        eta = self._check_eta_spacing(solver, eta, spacing)
         B = len(prompts)
         if seed is not None:                 # per-image generators: an image reproduces at any batch size
             generator = [torch.Generator().manual_seed(int(seed) + i) for i in range(B)]
         model = self.denoiser(prompts, negative_prompt, float(guidance_scale), height, width)
 
-        ts = self._timesteps(solver, steps, timesteps, strength if init_image is not None else 1.0)
+        ts = self._timesteps(solver, steps, timesteps, strength if init_image is not None else 1.0, spacing)
         f = self.latent_factor
         shape = (B, self.unet.in_channels, height // f, width // f)
         z0 = None
@@ -273,15 +279,22 @@ class Pipeline:
         x = latents.to(self.device, torch.float32)
         if z0 is not None:                    # img2img: noise the image latent to the first timestep
             x = self.schedule.alpha(ts[0]) * z0 + self.schedule.sigma(ts[0]) * x
+        elif solver == "euler" and spacing in ("trailing", "linspace"):   # diffusers' Euler starts these
+            x = x * self.schedule.sigma(ts[0]).float()   # grids at sigma_max eps: z_T = sigma_T eps
         bar = tqdm(total=len(ts), disable=not progress, desc=f"{solver} {len(ts)} steps", leave=False)
         step_done = lambda *_: bar.update(1)
 
         if solver == "lcm":                   # f_theta(z, t) = c_skip z + c_out x0_hat
             out = lcm_solver.sample_lcm(self.spec.consistency_fn(model.x0), x, ts, self.schedule,
                                         generator=generator, callback=step_done)
-        elif solver == "ddim":
+        elif solver == "tcd":                 # TCF(1) to s' = floor((1 - gamma) tau_{i+1}), re-noise
+            out = tcd_solver.sample_tcd(model.x0_eps, x, ts, self.schedule, gamma=eta, generator=generator,
+                                        callback=step_done)
+        elif solver in ("ddim", "pcm"):       # PCM: deterministic DDIM jumps between phase edges
             out = ddim.sample_ddim(model.eps, x, ts, self.schedule, eta=eta, generator=generator,
                                    callback=step_done)
+        elif solver == "euler":               # Euler in sigma-space = DDIM ending at sigma = 0
+            out = ddim.sample_ddim(model.eps, x, ts, self.schedule, callback=step_done, t_final=None)
         elif solver == "dpmsolver++":
             out = dpm_solver.sample_dpmpp_2m(model.eps, x, ts, self.schedule, callback=step_done)
         else:
@@ -312,23 +325,46 @@ class Pipeline:
         return denoiser(self.unet, self.prediction_type, self.schedule, vec(cond),
                         None if uncond is None else vec(uncond), s, w, self.dtype)
 
-    def _timesteps(self, solver, steps, timesteps, strength) -> list[int]:
+    def _check_eta_spacing(self, solver: str, eta, spacing) -> float:
+        """The solver's eta (None: its default), checked; spacing only where a solver has one."""
+        if eta is not None and solver not in DEFAULT_ETA and float(eta) != 0.0:
+            raise ValueError(f"eta={eta} applies to solver=ddim (DDIM's eta) or solver=tcd (TCD's gamma), "
+                             f"not solver={solver}")
+        eta = float(DEFAULT_ETA.get(solver, 0.0) if eta is None else eta)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if spacing is not None and (spacing not in SPACINGS or solver in FEW_STEP):
+            raise ValueError(f"spacing={spacing!r}: solver={solver} " + (
+                "takes its grid from the weights' spec (no spacing)" if solver in FEW_STEP
+                else f"spaces its timesteps by one of {', '.join(SPACINGS)}"))
+        if solver in FEW_STEP and (sp := self.spec).objective != solver and self._lcm_lora_active():
+            log.warning("the active adapter was distilled with %s; sample it with solver=%s, not %s",
+                        sp.objective.upper(), sp.objective, solver)
+        return eta
+
+    def _timesteps(self, solver, steps, timesteps, strength, spacing=None) -> list[int]:
         if timesteps is not None:
             ts = [int(t) for t in timesteps]
             if any(a <= b for a, b in zip(ts, ts[1:])) or not all(0 <= t < 1000 for t in ts):
                 raise ValueError(f"timesteps must be strictly descending integers in [0, 999], got {ts}")
-            if solver == "lcm" and not on_lcm_grid(ts, self.spec.num_ddim_timesteps):
+            if solver in ("lcm", "tcd") and not on_lcm_grid(ts, self.spec.num_ddim_timesteps):
                 log.warning("timesteps %s are not all on the %d-point LCM training grid", ts,
                             self.spec.num_ddim_timesteps)
             return ts
-        if solver == "lcm":
+        if solver in ("lcm", "tcd"):         # the LCM / TCD schedulers' rule on the k-grid
             if self._lcm_lora_active() and steps > 8:
                 log.warning("LCM-LoRA is distilled for 1-8 steps; %d steps rarely helps", steps)
             return lcm_timesteps(steps, self.spec.num_ddim_timesteps, strength=strength)
-        if solver == "ddim":                 # the SD release's DDIM config: leading, offset 1
-            ts = spaced_timesteps(steps, "leading", steps_offset=1)
+        if solver == "pcm":                  # the phase-exact grid: [999, 739, 499, 239] for 4 steps
+            if (m := self.spec.phases) and steps % m and m % steps:
+                log.warning("PCM weights with %d phases sampled in %d steps cross phase edges mid-phase", m, steps)
+            ts = pcm_timesteps(steps, self.spec.num_ddim_timesteps)
+        elif spacing == "trailing":          # Hyper-SD / SDXL-Lightning cards: [999, 749, 499, 249]
+            ts = spaced_timesteps(steps, "trailing")
+        elif solver in ("ddim", "euler"):    # the SD release's DDIM config: leading, offset 1
+            ts = spaced_timesteps(steps, spacing or "leading", steps_offset=1 if spacing in (None, "leading") else 0)
         else:                                # DPM-Solver(++) as diffusers' multistep scheduler
-            ts = spaced_timesteps(steps, "linspace", convention="dpm")
+            ts = spaced_timesteps(steps, spacing or "linspace", convention="dpm")
         if strength < 1.0:                   # img2img: start part-way down the same list
             k = min(int(steps * strength), steps)
             if k < 1:
@@ -346,10 +382,34 @@ class Pipeline:
         g = generator if not isinstance(generator, list) else generator[0]
         return (post.sample(generator=g).float() * self.vae_scale)
 
+    tiny_vae = None        # a TinyAutoencoder (models/taesd.py) that decode() uses instead of the VAE
+
+    def load_tiny_vae(self, path, dtype=None) -> "Pipeline":
+        """Decode with TAESD from now on (`tiny_vae = None` goes back to the VAE): a taesd_decoder /
+        taesdxl_decoder file (.safetensors or .pth) or diffusers' AutoencoderTiny safetensors. It
+        must fit the UNet's latents (channels, downscale); dtype defaults to the pipeline's."""
+        from models.taesd import load_tiny_vae
+        tiny = load_tiny_vae(path)
+        if tiny.decoder is None:
+            raise ValueError(f"{path} holds a TAESD encoder only; decoding needs the decoder (taesd_decoder.*)")
+        if (tiny.latent_channels, tiny.downscale) != (self.unet.in_channels, self.latent_factor):
+            raise ValueError(f"{path}: this TAESD decodes {tiny.latent_channels}-channel latents x{tiny.downscale}, "
+                             f"but this {self.family} model's are {self.unet.in_channels}-channel x{self.latent_factor}")
+        name, xl = os.path.basename(os.fspath(path)).lower(), self.family in ("sdxl", "ssd1b")
+        if ("taesdxl" in name) != xl and "taesd" in name:          # same shapes, other latent space
+            log.warning("%s looks like a TAESD for %s latents, but this is a %s model: images will be off",
+                        path, "SDXL" if "taesdxl" in name else "SD1/SD2", self.family)
+        self.tiny_vae = tiny.to(self.device, dtype or self.dtype).requires_grad_(False)
+        return self
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """UNet-space latent (B,4,h,w) -> images in [0, 1] (B,3,H,W), checked for NaN/Inf."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        img = self.vae.decode((z / self.vae_scale).to(vae_dtype)).float()
+        """UNet-space latent (B,4,h,w) -> images in [0, 1] (B,3,H,W), checked for NaN/Inf. The VAE
+        decodes z / vae_scale; a tiny VAE (TAESD, scale factor 1) decodes z itself."""
+        if self.tiny_vae is not None:
+            img = self.tiny_vae.to(z.device).decode(z).float()
+        else:
+            vae_dtype = next(self.vae.parameters()).dtype
+            img = self.vae.decode((z / self.vae_scale).to(vae_dtype)).float()
         if not torch.isfinite(img).all():
             raise FloatingPointError("the VAE decode produced NaN/Inf (the SDXL VAE overflows in "
                                      "fp16): keep the VAE in fp32 (vae_dtype=torch.float32) or use "

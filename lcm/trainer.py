@@ -123,7 +123,8 @@ def validate(pipe, objective: Objective, cfg: TrainConfig, prompts: list, size: 
             rows.append((f"ddim {cfg.val_teacher_steps} s={cfg.val_teacher_guidance}", grid(p, **ddim)))
         else:
             guidance = cfg.val_guidance or ([1.0, 1.5] if objective.lora_name else [8.5])
-            rows += [(f"lcm {n} s={s}", grid(p, solver="lcm", steps=int(n), guidance_scale=float(s)))
+            rows += [(f"{objective.sampler} {n} s={s}",
+                      grid(p, solver=objective.sampler, steps=int(n), guidance_scale=float(s)))
                      for s in guidance for n in cfg.val_steps]
     if not teacher_rows and objective.teacher is not None:
         with sampling(pipe, objective.teacher) as p, objective.teacher_ctx():

@@ -170,3 +170,26 @@ def off_grid(timesteps, original_steps: int = 50, T: int = 1000) -> list[int]:
     """The timesteps not on the LCM training grid (empty if all are; the pipeline warns otherwise)."""
     grid = set(lcm_grid(original_steps, T))
     return [int(t) for t in timesteps if int(t) not in grid]
+
+#----------------------------------------------------------------------------
+# PCM phases (Wang et al. 2024, arXiv 2405.18407, Sec. 3.1; docs/method.md, PCM): M phases split the
+# N-point grid at indices floor(linspace(0, N, M, endpoint=False)); a phase's lower edge is the grid
+# point below its first index (0 for the first phase). M = 4, N = 50: edges 0, 239, 499, 739.
+
+def pcm_phase_starts(phases: int, original_steps: int = 50) -> list[int]:
+    """Grid indices where each of the M phases starts, ascending: M = 4 -> [0, 12, 25, 37]."""
+    if not 1 <= phases <= original_steps:
+        raise ValueError(f"PCM phases M={phases} must be in [1, {original_steps}] (the grid size)")
+    return [int(i) for i in np.floor(np.linspace(0, original_steps, phases, endpoint=False))]
+
+
+def pcm_edges(phases: int, original_steps: int = 50, T: int = 1000) -> list[int]:
+    """Ascending phase edges s_0 = 0 < s_1 < ... < s_{M-1} (timesteps): M = 4 -> [0, 239, 499, 739]."""
+    grid = lcm_grid(original_steps, T)
+    return [0] + [grid[i - 1] for i in pcm_phase_starts(phases, original_steps)[1:]]
+
+
+def pcm_timesteps(n: int, original_steps: int = 50, T: int = 1000) -> list[int]:
+    """The phase-exact n-step grid: T - 1, then the upper edges of an n-phase split, descending:
+    n = 4 -> [999, 739, 499, 239] (each step a DDIM jump to the next edge, the last one to 0)."""
+    return [T - 1] + pcm_edges(n, original_steps, T)[1:][::-1]

@@ -91,7 +91,7 @@ def test_timesteps_argument_wins(pipe):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(height=30), "multiples of"), (dict(steps=0), "steps must be"), (dict(solver="euler"), "unknown solver"),
+    (dict(height=30), "multiples of"), (dict(steps=0), "steps must be"), (dict(solver="heun"), "unknown solver"),
     (dict(guidance_scale=-1), "guidance_scale"), (dict(strength=0.0), "strength"), (dict(output="np"), "output"),
 ])
 def test_bad_arguments_name_the_problem(pipe, kwargs, match):

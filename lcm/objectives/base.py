@@ -45,7 +45,7 @@ def as_lora_config(lora) -> LoRAConfig | None:
 
 class Objective:
     """Base class: subclasses implement setup() and loss(); the rest has working defaults."""
-    sampler = "lcm"                     # how validation samples the trained network: "lcm" | "ddim"
+    sampler = "lcm"                     # how validation samples the trained network: a Pipeline solver (lcm, tcd, pcm, ddim)
     trains_text = False                 # the text towers are trainables (no text caching then)
 
     def __init__(self, lora=None, ema_decay: float | None = None):
