@@ -1,0 +1,71 @@
+"""TCD-LoRA: trajectory consistency distillation into a LoRA (Zheng et al. 2024, arXiv 2402.19159;
+docs/method.md Sec. 11; the loss: lcm.distill_phased.tcd_loss).
+
+The networks are LCM-LoRA's (lcd_lora.py): teacher = the UNet with its adapters off, student = the
+same UNet with the trainable LoRA, target = the student under no_grad (ema_decay null, the default:
+what the public re-implementation does) or base + an EMA copy of the LoRA (ema_decay = mu, exported).
+z_hat_{t_n} is LCD's CFG-augmented teacher step Psi (teacher_solver). The student is TCF(1),
+f_theta(z_t, t, s) = alpha_s x0_hat + sigma_s eps_hat with s drawn on the grid below t_n; the export
+carries ConsistencySpec(objective="tcd") and is sampled with solver=tcd (gamma = eta).
+"""
+from __future__ import annotations
+
+import logging
+
+from lcm.consistency import ConsistencySpec
+from lcm.distill import check_teacher_solver, net_fn, teacher_estimate
+from lcm.distill_phased import tcd_loss
+from lcm.objectives.base import ConsistencyObjective
+
+log = logging.getLogger(__name__)
+
+
+class DDIMFormObjective(ConsistencyObjective):
+    """Shared by TCD and PCM: a LoRA student in DDIM form (no c_skip / c_out), LCM-LoRA's networks."""
+    name = ""                           # the objective's conf name (error messages, the spec's objective)
+
+    def __init__(self, lora=None, ema_decay: float | None = None, teacher_solver: str = "ddim", **kw):
+        super().__init__(lora, ema_decay, **kw)
+        self.teacher_solver = check_teacher_solver(teacher_solver)
+        if self.lora is None:
+            raise ValueError(f"objective={self.name} needs a LoRA (objective.lora: {{rank: .., alpha: ..}}); "
+                             "full-model distillation is objective=lcd (LCM) only")
+
+    def make_spec(self, N: int) -> ConsistencySpec:
+        """The spec the export carries (grid size N = T / k, the objective, PCM's phases)."""
+        raise NotImplementedError
+
+    def setup(self, pipe) -> None:
+        self.setup_spec(pipe)                              # checks k | T
+        self._spec = self.make_spec(self._spec.num_ddim_timesteps)
+        self._setup_lora(pipe, ema=self.ema_decay is not None)
+
+    def estimate(self, schedule):
+        return teacher_estimate(self.teacher_net(), schedule, self.pipe.prediction_type, self.teacher_solver)
+
+    def target_net(self):
+        """The target as net(x, t, cond, w), inside its context (the EMA adapter, if any)."""
+        base = net_fn(self.target)
+
+        def target(*a):
+            with self.target_ctx():
+                return base(*a)
+        return target
+
+    def check_lr(self, lr: float) -> None:                 # self.lora: known before setup()
+        if lr < 1e-5:
+            log.warning("LoRA distillation with lr=%g < 1e-5 learns (almost) nothing; LCM-LoRA uses 1e-4", lr)
+
+#----------------------------------------------------------------------------
+
+class TCD(DDIMFormObjective):
+    sampler = "tcd"
+    name = "tcd"
+
+    def make_spec(self, N: int) -> ConsistencySpec:
+        return ConsistencySpec(num_ddim_timesteps=N, objective="tcd")
+
+    def loss(self, student_call, z, cond, uncond, generator):
+        schedule = self.schedule(z.device)
+        return tcd_loss(net_fn(student_call), self.target_net(), self.estimate(schedule), z, cond, uncond,
+                        schedule, generator, prediction_type=self.pipe.prediction_type, **self.kw)
