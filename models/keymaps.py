@@ -235,3 +235,50 @@ def clip_state_dict_open_clip_to_hf(sd: dict) -> dict:
         else:
             raise KeyError(f"no rule maps open_clip key {k!r}")
     return out
+
+
+#----------------------------------------------------------------------------
+# TAESD (models/taesd.py): the original taesd files and diffusers' AutoencoderTiny -> ours.
+# Ours are the original taesd.py nn.Sequentials under "decoder." / "encoder.". An original file
+# holds one net with bare indices: a decoder's first conv is "1.weight" (index 0 is the parameter-
+# free Clamp), an encoder's is "0.weight". diffusers' DecoderTiny clamps in forward and has no
+# Clamp entry, so its indices are one lower; EncoderTiny's are the same:
+#   decoder.layers.N.<rest> -> decoder.(N+1).<rest>        encoder.layers.N.<rest> -> encoder.N.<rest>
+
+_TAESD_REST = re.compile(r"(weight|bias|conv\.[024]\.(weight|bias)|skip\.weight)")
+
+
+def taesd_state_dict_to_ours(sd: dict) -> dict:
+    """Rename a TAESD state dict (original decoder or encoder file, or diffusers AutoencoderTiny) to
+    ours (values untouched). Raises KeyError naming the first key no rule maps."""
+    if not sd:
+        raise KeyError("no tensors")
+    diffusers = any(k.startswith(("decoder.layers.", "encoder.layers.")) for k in sd)
+    if not diffusers:
+        if "0.weight" in sd:
+            part = "encoder"
+        elif "1.weight" in sd:
+            part = "decoder"
+        else:
+            raise KeyError(f"expected the original taesd layout ('1.weight', '3.conv.0.weight', ...; an encoder: "
+                           f"'0.weight') or diffusers' AutoencoderTiny ('decoder.layers.0.weight'), got keys "
+                           f"{sorted(sd)[:3]}")
+    out = {}
+    for k in sd:
+        m = re.fullmatch(r"(decoder|encoder)\.layers\.(\d+)\.(.+)" if diffusers else r"(\d+)\.(.+)", k)
+        if m is None or not _TAESD_REST.fullmatch(m.group(m.lastindex)):
+            raise KeyError(f"no rule maps TAESD key {k!r} ({'diffusers' if diffusers else 'original ' + part} layout)")
+        if diffusers:
+            p, i, rest = m.group(1), int(m.group(2)), m.group(3)
+            new = f"{p}.{i + 1 if p == 'decoder' else i}.{rest}"
+        else:
+            new = f"{part}.{m.group(1)}.{m.group(2)}"
+        assert new not in out, f"two TAESD keys map to {new!r}"
+        out[new] = sd[k]
+    return out
+
+
+def taesd_state_dict_ours_to_original(sd: dict, part: str) -> dict:
+    """One net of ours ("decoder." or "encoder." keys) as an original taesd file's state dict."""
+    assert part in ("decoder", "encoder"), part
+    return {k[len(part) + 1:]: v for k, v in sd.items() if k.startswith(part + ".")}
