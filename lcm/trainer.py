@@ -60,6 +60,8 @@ class TrainConfig:
     val_guidance: list | None = None    # null: [1.0, 1.5] (LoRA), [8.5] (full LCM)
     val_teacher_steps: int = 25
     val_teacher_guidance: float = 7.5
+    val_metrics: list = field(default_factory=list)   # metric names (lcm/evaluation); []: off
+    val_metric_options: dict = field(default_factory=dict)   # their options (lcm/evaluation/validation.py)
     on_nan: str = "stop"                # stop | skip
     find_unused_parameters: bool = False
 
@@ -351,6 +353,9 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
                     path = os.path.join(run_dir, "validation", f"step_{step:07d}.png")
                     save_grid(rows, path)
                     logr.image("validation", path, step, " | ".join(lbl for lbl, _ in rows))
+                    if cfg.val_metrics:                    # FID / CLIP / demo metrics (lcm/evaluation)
+                        from lcm.evaluation.validation import validation_metrics
+                        validation_metrics(pipe, objective, cfg, prompts, batch["image"].shape[-1], logr, step, run_dir)
                 dist.barrier()
 
             stop_now = dist.all_min(0.0 if stop["sigterm"] else 1.0) == 0.0

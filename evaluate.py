@@ -1,0 +1,134 @@
+"""Composition root for evaluation: methods x steps on a prompt set, FID / KID / CLIP score (or the
+demo world's metrics), written to the run dir as results.json, results.md and results.png.
+
+    python evaluate.py                       # the bundled demo: LCM-LoRA 1/2/4/8 steps vs the teacher
+    python evaluate.py n_prompts=16          # quicker
+    python evaluate.py --help                # every knob, with its meaning
+    python evaluate.py hydra.run.dir=outputs/evaluate/<run>   # resume a killed run (same overrides)
+"""
+import hashlib
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from lcm.cli import cuda_message, help_text, missing_value_message
+
+log = logging.getLogger("evaluate")
+DTYPES = ("float32", "float16", "bfloat16")
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+OPTION_KEYS = ("reference", "inception_weights", "kid_subsets", "kid_subset_size", "clip_model", "clip_pretrained",
+               "demo_evaluator", "demo_n_ref", "metric_batch")
+METHOD_KEYS = ("name", "solver", "steps", "guidance_scale", "eta", "spacing", "lora_scales", "teacher")
+
+
+def preflight(cfg: DictConfig) -> None:
+    """One-line errors before anything is built: a mandatory (???) value unset, CUDA where there is none."""
+    from hydra.core.hydra_config import HydraConfig
+    missing = sorted(OmegaConf.missing_keys(cfg), key=lambda k: (k != "model.path", k))
+    if missing:
+        raise ValueError(missing_value_message(missing[0], HydraConfig.get().runtime.choices.get("model")))
+    if msg := cuda_message(cfg.model.device, "model.device=cpu model.dtype=float32"):
+        raise ValueError(msg)
+
+
+def knobs(*, _root_: DictConfig) -> str:
+    """Resolver for the --help template (conf/hydra/help/evaluate.yaml): every knob with its yaml comment."""
+    text = help_text(CONF, OmegaConf.to_container(_root_, resolve=False))
+    return text.replace("$", "$$")
+
+
+def solver_preset(name: str) -> dict:
+    """conf/solver/<name>.yaml: the pipeline solver, its guidance_scale, eta and spacing."""
+    path = os.path.join(CONF, "solver", f"{name}.yaml")
+    if not os.path.isfile(path):
+        presets = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "solver")) if f.endswith(".yaml"))
+        raise ValueError(f"solver={name!r} is not a preset in conf/solver/; choose one of {', '.join(presets)}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def methods_of(items: list):
+    """Method objects from the config's list: preset values first, the method's own keys win."""
+    from lcm.evaluation import Method
+    out = []
+    for item in items:
+        unknown = sorted(set(item) - set(METHOD_KEYS))
+        if unknown or "solver" not in item or "steps" not in item:
+            raise ValueError(f"methods entry {item}: needs name, solver and steps; allowed keys {', '.join(METHOD_KEYS)}"
+                             + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        pre = solver_preset(str(item["solver"]))
+        steps = item["steps"] if isinstance(item["steps"], list) else [item["steps"]]
+        pick = lambda k, d=None: item[k] if item.get(k) is not None else pre.get(k, d)   # noqa: E731
+        out.append(Method(name=str(item.get("name") or item["solver"]), solver=pre["name"],
+                          steps=[int(s) for s in steps], guidance_scale=float(pick("guidance_scale", 1.0)),
+                          eta=pick("eta"), spacing=pick("spacing"), lora_scales=dict(item.get("lora_scales") or {}),
+                          teacher=bool(item.get("teacher", False))))
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods need distinct names, got {names}")
+    return out
+
+
+def build_pipeline(cfg: DictConfig):
+    import torch
+
+    from lcm.pipeline import Pipeline
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")
+    pipe = Pipeline.from_checkpoint(cfg.model.path, device=cfg.model.device, dtype=getattr(torch, cfg.model.dtype),
+                                    prediction_type=cfg.model.prediction_type)
+    pipe.load_loras(OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora else [])
+    return pipe
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from lcm.evaluation import MetricSet, load_plugins, load_prompts, run_grid
+    from lcm.evaluation.report import write_report
+    from lcm.evaluation.runner import check_grid
+    metrics = list(cfg.metrics)
+    plugins = list(cfg.metric_plugins or [])
+    if HydraConfig.get().runtime.choices.get("model") == "demo" or any(m.startswith("demo_") for m in metrics) \
+            or cfg.prompts == "demo":
+        plugins.append("demo.metrics")                # the demo world's metrics and prompt set
+    load_plugins(plugins)
+    methods = methods_of(OmegaConf.to_container(cfg.methods, resolve=True))
+    prompts = load_prompts(str(cfg.prompts), cfg.n_prompts, int(cfg.seeds_per_prompt), int(cfg.seed))
+    options = {k: cfg[k] for k in OPTION_KEYS} | {"device": cfg.model.device}
+    out_dir = os.path.abspath(HydraConfig.get().runtime.output_dir)
+    ms = MetricSet(metrics, options | {"cache_dir": out_dir}).build()   # weights and references first
+    pipe = build_pipeline(cfg)
+    lora = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora else []
+    check_grid(out_dir, dict(model=os.path.abspath(cfg.model.path), dtype=cfg.model.dtype, lora=lora,
+                             prompts=hashlib.sha1("\n".join(prompts.prompts).encode()).hexdigest(), n=len(prompts),
+                             seed=prompts.seed, height=cfg.height, width=cfg.width))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    title = f"Evaluation: {os.path.basename(cfg.model.path)}, {len(prompts)} images of prompts={cfg.prompts}"
+    rows = run_grid(pipe, methods, prompts, ms, out_dir, batch_size=int(cfg.batch_size),
+                    save_images=bool(cfg.save_images), height=cfg.height, width=cfg.width,
+                    on_cell=lambda r: write_report(out_dir, r, config, title, with_plot=False))
+    for p in write_report(out_dir, rows, config, title):
+        print(p)
+    return rows
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        preflight(cfg)
+        run(cfg)
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError, MissingMandatoryValue) as e:
+        if cfg.debug:
+            raise
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        print(f"evaluate.py: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    OmegaConf.register_new_resolver("knobs", knobs)
+    main()
