@@ -31,6 +31,9 @@ SKIP = [
     (r"^python -m pytest\b", "the test suite itself (CI runs it; -m fullsize is opt-in: full SD size, GiB)"),
     (r"^python benchmarks/gpu\.py", "needs a CUDA GPU (tests/test_benchmarks.py runs the script on tiny models)"),
     (r"^python benchmarks/", "full SD1.5-size UNet/VAE in ours and in diffusers: minutes and GiB a run, by hand"),
+    (r"^python evaluate\.py .*(?:inception_weights|clip_pretrained)=",
+     "FID / CLIP score of real SD weights on COCO: needs the Inception and CLIP weights and the images (not here)"),
+    (r"^python -m demo\.compare\b", "evaluates the three finished 400-step runs above (~25 CPU-minutes of training)"),
     (r"\.\.\.", "arguments elided in the prose; the full recipe (CPU-hours) is in docs/demo_results.md"),
 ]
 # Placeholders of real files -> bundled stand-ins, most specific first ({data}, {run}: made by the test).
@@ -38,12 +41,14 @@ NAME = r"[^\s,\]}\"']"                                # a character of a path in
 PLACEHOLDERS = [
     (rf"/(?:weights|w)/{NAME}*lcm-lora{NAME}*", os.path.join(ASSETS, "demo_lcm_lora.safetensors")),
     (rf"/(?:weights|w)/{NAME}*(?:style|papercut){NAME}*", os.path.join(ASSETS, "demo_style_lora.safetensors")),
+    (rf"/(?:weights|w)/{NAME}*(?:TCD|PCM|Hyper-SD|lightning){NAME}*", os.path.join(ASSETS, "demo_lcm_lora.safetensors")),
     (rf"/(?:weights|w|m)/{NAME}+", os.path.join(ASSETS, "demo_teacher.safetensors")),
     (r"model\.path=\.\.\.", "model.path=" + os.path.join(ASSETS, "demo_teacher.safetensors")),
     (rf"/data/{NAME}+", "{data}"),
-    (r"outputs/train/<run>", "{run}"),
+    (r"outputs/(?:train|evaluate)/<run>", "{run}"),
 ]
 UNMAPPED = re.compile(r"/weights/|(?<![\w.])/w/|/data/|<\w+>")
+EVAL_SHORT = {"n_prompts": "4", "demo_n_ref": "64", "batch_size": "4"}
 TRAIN_SHORT = {"train.max_steps": "2", "train.validate_every": "0", "train.log_every": "1",
                "train.checkpoint_every": "2", "train.batch_size": "2"}
 EXTRA = [                                             # (pattern, overrides) for what a recipe needs first
@@ -52,6 +57,7 @@ EXTRA = [                                             # (pattern, overrides) for
 CPU = {"model.device": "cpu", "model.dtype": "float32", "train.mixed_precision": "no"}
 ARGPARSE_SHORT = {                                    # python -m <module>: flags set to small values
     "demo.text": {"--steps": "2", "--out": "{tmp}/text.safetensors"},
+    "demo.taesd": {"--steps": "2", "--full-steps": "1", "--batch": "2", "--out": "{tmp}/taesd.safetensors"},
     "demo.bench": {"--n": "2", "--n-ref": "8", "--cfg-n": "2", "--cfg-steps": "2", "--teacher-steps": "2",
                    "--out": "{tmp}/results.md", "--grid": "{tmp}/grid.png", "--style-grid": "{tmp}/style.png"},
 }
@@ -206,7 +212,14 @@ def prepare(cmd: str, tmp: str, i: int) -> tuple[list[list[str]], dict]:
     if "--help" in args or "-h" in args:
         pass
     elif script == "sample.py":
+        if png := next((a.split("=", 1)[1] for a in args if a.startswith("from_png=")), None):
+            made = os.path.join(tmp, f"png{i}")          # the PNG to read back: written by a plain run first
+            setup.append(head + [f"out_dir={made}"])
+            args = set_overrides(args, {"from_png": os.path.join(made, os.path.basename(png))})
         args = set_overrides(args, {"out_dir": os.path.join(tmp, f"samples{i}")})
+    elif script == "evaluate.py":
+        args = set_overrides(args, EVAL_SHORT | ({} if any(a.startswith("hydra.run.dir=") for a in args)
+                                                 else {"hydra.run.dir": os.path.join(tmp, f"eval{i}")}))
     elif script == "train.py":
         short = dict(TRAIN_SHORT, **({} if torch.cuda.is_available() else CPU))
         for pat, extra in EXTRA:
@@ -282,5 +295,5 @@ def test_placeholders_map_to_bundled_files():
     for _, cmd in COMMANDS:
         sub = substitute(cmd)
         assert not UNMAPPED.search(sub) or skip_reason(cmd), cmd
-        for path in re.findall(r"(/[^\s,\]}\"'=]+\.safetensors)", sub):
+        for path in re.findall(r"(?<![\w.-])(/[^\s,\]}\"'=]+\.safetensors)", sub):
             assert os.path.isfile(path), f"{cmd}: stand-in {path} missing"
