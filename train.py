@@ -5,6 +5,7 @@
     python train.py -m train.k=1,5,20,50             # a sweep, one run dir per job
     torchrun --nproc_per_node=2 train.py ...         # DDP (gloo on CPU); rank 0 logs and saves
     python train.py hydra.run.dir=<run> resume=true  # continue a run from its newest checkpoint
+    python train.py task=encode ... encode.out=/c    # the latent cache of data= (then data=latents data.urls=/c)
 """
 import logging
 import os
@@ -21,6 +22,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 ARCH_KEYS = ("family", "text_family", "unet", "vae", "text", "default_size", "randomize")
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 CPU_OVERRIDES = "model.device=cpu model.dtype=float32 train.mixed_precision=no"
+TASKS = ("train", "encode")
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -113,6 +115,46 @@ def instantiate(node):
         raise
 
 
+def build_data(cfg: DictConfig, pipe):
+    """The dataset data= names (indexed or streamed, lcm/data.py); data=latents checked against the model."""
+    from lcm.encode import check_latents
+    data = instantiate(cfg.data)
+    check_latents(data, pipe)
+    return data
+
+
+def encode_task(cfg: DictConfig) -> dict:
+    """task=encode: write the VAE moments and text embeddings of data= into encode.out (lcm/encode.py).
+    Under torchrun rank r encodes units r, r + world, ... (no process group: ranks never wait on each
+    other); whichever rank finishes last writes manifest.json."""
+    import torch
+
+    from lcm.encode import encode, finish
+    out = cfg.encode.get("out")
+    if not out:
+        raise ValueError("encode.out is not set: give a folder for the latent shards, e.g. encode.out=/data/latents")
+    out = os.path.abspath(out)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(cfg.model.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    pipe = build_pipeline(config["model"], config.get("lora"))
+    data = instantiate(cfg.data)
+    enc, train = config["encode"], config["train"]
+    stats = encode(pipe, data, out, rank=rank, world=world, device=device, shard_size=int(enc["shard_size"]),
+                   batch_size=int(enc["batch_size"]), vae_chunk=int(train.get("vae_chunk", 0)),
+                   mixed_precision=train.get("mixed_precision", "no"), dtype=enc.get("dtype"),
+                   overwrite=bool(enc.get("overwrite")))
+    log.info("rank %d encoded %d units (%d samples, %d skipped, %d kept) in %.1f s", rank, stats["units"],
+             stats["samples"], stats["skipped"], stats["kept"], stats["seconds"])
+    if finish(out, data, pipe, int(enc["shard_size"]), enc.get("dtype"), config["model"].get("path")) is not None:
+        print(os.path.join(out, "manifest.json"))
+    else:
+        print(f"rank {rank}: done; other ranks are still writing units (the last to finish writes manifest.json)")
+    return stats
+
+
 def run(cfg: DictConfig) -> dict:
     """Build everything the config names and train; returns the trainer's summary."""
     from lcm.trainer import init_distributed, train
@@ -121,7 +163,7 @@ def run(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     objective = instantiate(cfg.objective)
     pipe = build_pipeline(config["model"], config.get("lora"))
-    data = instantiate(cfg.data)
+    data = build_data(cfg, pipe)
     tcfg = train_config(config["train"])
     logger = instantiate(cfg.logger)
     sweep = sweep_name()
@@ -141,7 +183,9 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         preflight(cfg)
-        run(cfg)
+        if cfg.get("task", "train") not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+        encode_task(cfg) if cfg.get("task") == "encode" else run(cfg)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, OSError,
             MissingMandatoryValue) as e:
         if cfg.debug:

@@ -16,7 +16,7 @@ EXAMPLE_CHECKPOINT = {
 WHAT_IT_TAKES = {
     "data.root": ("a folder of images with a .txt caption beside each (or a metadata.jsonl)",
                   "/data/my_images"),
-    "data.urls": ("webdataset tar shards, local paths or globs", '"[/data/shards/*.tar]"'),
+    "data.urls": ("webdataset tar shards: local paths, globs, brace lists {000..009}, pipe: commands or URLs", '"[/data/shards/*.tar]"'),
 }
 
 #----------------------------------------------------------------------------
