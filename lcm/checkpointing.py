@@ -164,7 +164,8 @@ def write_checkpoint(root: str, step: int, writers: dict, keep: int | None = Non
 # Full models as original-layout single files (loadable by Pipeline.from_checkpoint).
 
 def original_state_dict(unet, vae, text, text_family: str) -> dict[str, torch.Tensor]:
-    """UNet + VAE + text towers under the original prefixes (text in the family's layout)."""
+    """UNet + VAE + text towers under the original prefixes (text in the family's layout); `unet` is
+    a module or its state dict (e.g. gathered from FSDP shards, lcm/fsdp.py)."""
     from models.checkpoint import UNET_PREFIX, VAE_PREFIX
     from models.keymaps import clip_state_dict_open_clip_to_hf
     from models.lora import is_lora_key
@@ -172,7 +173,8 @@ def original_state_dict(unet, vae, text, text_family: str) -> dict[str, torch.Te
     if text_family not in SOURCES:
         raise ValueError(f"text_family must be one of {sorted(SOURCES)} (the layout the text towers "
                          f"are stored in), got {text_family!r}")
-    sd = {UNET_PREFIX + k: v for k, v in unet.state_dict().items() if not is_lora_key(k)}
+    unet_sd = unet if isinstance(unet, dict) else unet.state_dict()
+    sd = {UNET_PREFIX + k: v for k, v in unet_sd.items() if not is_lora_key(k)}
     sd |= {VAE_PREFIX + k: v for k, v in vae.state_dict().items()}
     assert len(SOURCES[text_family]) == len(text.towers), f"{text_family} has {len(SOURCES[text_family])} towers"
     for (prefix, layout), tower in zip(SOURCES[text_family], text.towers):
@@ -483,29 +485,40 @@ def truncate_metrics(path: str, step: int) -> None:
             f.writelines(lines)
 
 
+def _load_in_place(trainables: list, optimizer, ema):
+    @torch.no_grad()
+    def load(trainables_state: dict, optimizer_state: dict, ema_state: dict | None) -> None:
+        for n, p in trainables:
+            p.copy_(trainables_state[n])                    # in place: stays fp32, same Parameter
+        if ema is not None:                                 # the EMA is restored, never reset or swapped in
+            ema.load_state_dict(ema_state)
+        optimizer.load_state_dict(optimizer_state)
+    return load
+
+
 def training_state(step: int, trainables: list, optimizer, scheduler, scaler, ema, rngs: list,
                    global_batch: int, wandb_id: str | None) -> dict:
-    """Everything a resume needs (docs/users.md Sec. 7); `rngs` holds every rank's RNG state."""
-    return dict(step=step, trainables={n: p for n, p in trainables}, optimizer=optimizer.state_dict(),
+    """Everything a resume needs (docs/users.md Sec. 7); `rngs` holds every rank's RNG state.
+    optimizer / ema: the live objects or their state dicts (FSDP: gathered from the shards)."""
+    def state(x):
+        return x if x is None or isinstance(x, dict) else x.state_dict()
+    return dict(step=step, trainables={n: p for n, p in trainables}, optimizer=state(optimizer),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                ema=None if ema is None else ema.state_dict(), rng=rngs, world_size=len(rngs),
+                ema=state(ema), rng=rngs, world_size=len(rngs),
                 data=dict(position=step * global_batch, global_batch=global_batch), wandb_id=wandb_id)
 
 
 def restore_training_state(path: str, trainables: list, optimizer, scheduler, scaler, ema, rank: int,
-                           world: int) -> tuple[int, str | None]:
-    """Load a checkpoint folder into live objects; returns (step, wandb run id)."""
+                           world: int, load=None) -> tuple[int, str | None]:
+    """Load a checkpoint folder into live objects; returns (step, wandb run id). load(trainables,
+    optimizer_state, ema_state): how the networks and optimizer take their states (default: in
+    place; sharded networks: lcm.fsdp.load_state)."""
     st = load_state(os.path.join(path, STATE_FILE))
     names = sorted(n for n, _ in trainables)
     if names != sorted(st["trainables"]):
         raise ValueError(f"{path} holds other trainables than this model ({len(st['trainables'])} vs "
                          f"{len(names)}): was it written with another lora/train config?")
-    with torch.no_grad():
-        for n, p in trainables:
-            p.copy_(st["trainables"][n])                    # in place: stays fp32, same Parameter
-        if ema is not None:                                 # the EMA is restored, never reset or swapped in
-            ema.load_state_dict(st["ema"])
-    optimizer.load_state_dict(st["optimizer"])
+    (load or _load_in_place(trainables, optimizer, ema))(st["trainables"], st["optimizer"], st["ema"])
     scheduler.load_state_dict(st["scheduler"])
     scaler.load_state_dict(st["scaler"])
     if st["world_size"] == world:

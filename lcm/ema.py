@@ -9,6 +9,11 @@ from torch import nn
 
 from models import lora as lora_lib
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+else:                                                      # a torch built without distributed: no shards
+    DTensor = ()
+
 
 class AdapterEMA:
     """theta_minus of a LoRA run with mu > 0: an EMA copy of adapter `name`, kept as a second adapter
@@ -79,10 +84,27 @@ class AdapterEMA:
             p.copy_(sd[k])
 
 
+def _shards(target: list, online: list) -> tuple[list, list]:
+    """The tensors the EMA updates: the parameters themselves, or with FSDP (DTensor parameters,
+    lcm/fsdp.py) each rank's local shards, which must line up (same mesh, placements, shapes)."""
+    assert len(target) == len(online), f"EMA target has {len(target)} parameters, the model {len(online)}"
+    t, o = [], []
+    for pt, po in zip(target, online):
+        if isinstance(pt, DTensor) or isinstance(po, DTensor):
+            assert (isinstance(pt, DTensor) and isinstance(po, DTensor) and pt.device_mesh == po.device_mesh
+                    and pt.placements == po.placements and pt.to_local().shape == po.to_local().shape), \
+                "EMA target and model must be sharded alike (both resharded, same FSDP units)"
+            pt, po = pt.to_local(), po.to_local()          # under no_grad: the shards themselves, no copy
+        t.append(pt)
+        o.append(po.detach())
+    return t, o
+
+
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, mu: float) -> None:
-    """theta_minus <- mu theta_minus + (1 - mu) theta (Algorithm 1, last line)."""
-    t, o = list(target.parameters()), list(online.parameters())
-    torch._foreach_lerp_(t, [p.detach() for p in o], 1.0 - mu)
+    """theta_minus <- mu theta_minus + (1 - mu) theta (Algorithm 1, last line); sharded models
+    (FSDP) update their local shards, no communication."""
+    t, o = _shards(list(target.parameters()), list(online.parameters()))
+    torch._foreach_lerp_(t, o, 1.0 - mu)
     for bt, bo in zip(target.buffers(), online.buffers()):
         bt.copy_(bo)

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from lcm import checkpointing as ck
-from lcm.data import LatentEncoder, hash_seed, make_loader
+from lcm.data import LatentEncoder, first_captions, hash_seed, image_size, make_loader
 from lcm.objectives.base import Objective
 from models.storage import store_frozen
 
@@ -64,6 +65,7 @@ class TrainConfig:
     val_metric_options: dict = field(default_factory=dict)   # their options (lcm/evaluation/validation.py)
     on_nan: str = "stop"                # stop | skip
     find_unused_parameters: bool = False
+    distributed: str = "ddp"            # ddp | fsdp: shard full models over the torchrun ranks (lcm/fsdp.py)
 
 
 @dataclass
@@ -164,7 +166,8 @@ def make_optimizer(params: list, cfg: TrainConfig):
 
 def place(pipe, objective: Objective, cfg: TrainConfig, dist: Dist) -> nn.Module:
     """Build the objective's networks and put them on the device; returns what the loss calls
-    (the student, DDP-wrapped with several processes)."""
+    (the student, DDP-wrapped with several processes; with train.distributed=fsdp the student,
+    EMA target and teacher are sharded in place instead, lcm/fsdp.py)."""
     torch.manual_seed(cfg.seed)                            # LoRA A / w-projection init: equal on all ranks
     objective.setup(pipe)
     pipe.to(dist.device)
@@ -180,6 +183,9 @@ def place(pipe, objective: Objective, cfg: TrainConfig, dist: Dist) -> nn.Module
     if objective.trains_text:
         raise ValueError("train.train_text_encoder=true is single-process only (its gradients are not "
                          "synchronised); run without torchrun or freeze the text encoder")
+    if cfg.distributed == "fsdp":
+        from lcm import fsdp
+        return fsdp.shard_objective(objective, dist.device, PRECISIONS[cfg.mixed_precision], cfg.frozen_storage)
     return nn.parallel.DistributedDataParallel(
         objective.student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
         find_unused_parameters=cfg.find_unused_parameters)
@@ -200,7 +206,7 @@ def check_precision(objective: Objective, optimizer=None) -> None:
 
 def check_config(cfg: TrainConfig, objective: Objective, pipe) -> None:
     """Clean errors (and the objective's lr warnings) before anything is built."""
-    choices = dict(on_nan=("stop", "skip"), mixed_precision=tuple(PRECISIONS))
+    choices = dict(on_nan=("stop", "skip"), mixed_precision=tuple(PRECISIONS), distributed=("ddp", "fsdp"))
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             raise ValueError(f"train.{k} must be one of {', '.join(allowed)}, got {getattr(cfg, k)!r}")
@@ -213,6 +219,12 @@ def check_config(cfg: TrainConfig, objective: Objective, pipe) -> None:
     if cfg.mixed_precision == "no" and base != {torch.float32}:
         raise ValueError(f"the model is in {sorted(map(str, base))}: set train.mixed_precision=bf16 or fp16 "
                          "(the base runs under autocast, trainables stay fp32), or model.dtype=float32")
+    if cfg.distributed == "fsdp" and objective.lora is not None:
+        raise ValueError("train.distributed=fsdp shards full models (objective.lora=null); LoRA runs use "
+                         "train.distributed=ddp (small trainables, the frozen base fits every GPU; docs/fsdp.md)")
+    if cfg.distributed == "fsdp" and cfg.mixed_precision == "fp16":
+        raise ValueError("train.distributed=fsdp trains in fp32 or bf16: use train.mixed_precision=bf16 "
+                         "(fp16 loss scaling over sharded gradients is not supported)")
     objective.check_lr(cfg.lr)
 
 #----------------------------------------------------------------------------
@@ -246,6 +258,9 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
                                {"prediction_type": pipe.prediction_type})
             ck.make_readable(base)
     student_call = place(pipe, objective, cfg, dist)
+    fsdp = None
+    if cfg.distributed == "fsdp" and dist.world > 1:      # sharded networks: gathered for saving and sampling
+        from lcm import fsdp
     params = [p for _, p in objective.trainables]
     optimizer = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -256,7 +271,8 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
     step, run_id = 0, None
     if resume_path is not None:                             # trainables, optimizer, EMA, RNG, step, run id
         step, run_id = ck.restore_training_state(resume_path, objective.trainables, optimizer, sched, scaler,
-                                                 objective.ema, dist.rank, dist.world)
+                                                 objective.ema, dist.rank, dist.world,
+                                                 fsdp and fsdp.load_state(objective, optimizer))
         run_id = run_id if resume_path.startswith(os.path.abspath(run_dir)) else None
     check_precision(objective, optimizer)
 
@@ -277,12 +293,16 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
         if dist.world > 1:
             rngs = [None] * dist.world
             torch.distributed.all_gather_object(rngs, ck.rng_state())
+        full = fsdp and fsdp.gather_state(objective, optimizer)   # FSDP: full tensors on rank 0
         if dist.rank == 0:
-            state = ck.training_state(step, objective.trainables, optimizer, sched, scaler, objective.ema, rngs,
-                                      G, logr.run_id)
+            tr, opt, ema = (full.trainables, full.optimizer, full.ema) if full else \
+                (objective.trainables, optimizer, objective.ema)
+            state = ck.training_state(step, tr, opt, sched, scaler, ema, rngs, G, logr.run_id)
+            export = (lambda p: fsdp.export(objective, p, meta, full.target)) if full else \
+                (lambda p: objective.export(p, meta))
             try:
                 ck.write_checkpoint(root, step, {ck.STATE_FILE: lambda p: ck.save_state(p, state, meta),
-                                                 export_name: lambda p: objective.export(p, meta)},
+                                                 export_name: export},
                                     cfg.keep_checkpoints)
             except OSError as e:                           # e.g. disk full: older checkpoints stay intact
                 if step == cfg.max_steps:
@@ -347,16 +367,20 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
 
             pause = time.perf_counter()                    # validation and saving do not count as throughput
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):   # validate
+                if fsdp:                                   # rank 0 samples with the full networks
+                    fsdp.unshard(objective.target, objective.teacher)
                 if dist.rank == 0:
-                    prompts = prompts or list(cfg.val_prompts or _first_captions(dataset, 2))
-                    rows = validate(pipe, objective, cfg, prompts, batch["image"].shape[-1], teacher_rows)
+                    prompts = prompts or list(cfg.val_prompts or first_captions(dataset, 2))
+                    rows = validate(pipe, objective, cfg, prompts, image_size(batch), teacher_rows)
                     path = os.path.join(run_dir, "validation", f"step_{step:07d}.png")
                     save_grid(rows, path)
                     logr.image("validation", path, step, " | ".join(lbl for lbl, _ in rows))
                     if cfg.val_metrics:                    # FID / CLIP / demo metrics (lcm/evaluation)
                         from lcm.evaluation.validation import validation_metrics
-                        validation_metrics(pipe, objective, cfg, prompts, batch["image"].shape[-1], logr, step, run_dir)
+                        validation_metrics(pipe, objective, cfg, prompts, image_size(batch), logr, step, run_dir)
                 dist.barrier()
+                if fsdp:
+                    fsdp.reshard(objective.target, objective.teacher)
 
             stop_now = dist.all_min(0.0 if stop["sigterm"] else 1.0) == 0.0
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop_now:   # checkpoint
@@ -371,7 +395,10 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
             save(step)
         if status == "done" and dist.rank == 0:            # the final LoRA / model beside the run
             tmp = os.path.join(run_dir, f".tmp-{export_name}")
-            objective.export(tmp, meta)
+            if fsdp:                                       # sharded: the export just saved at this step
+                shutil.copyfile(os.path.join(ck.step_dir(root, step), export_name), tmp)
+            else:
+                objective.export(tmp, meta)
             ck.make_readable(tmp)
             os.replace(tmp, os.path.join(run_dir, export_name))
         if status == "done":
@@ -392,9 +419,3 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: KiB
-
-
-def _first_captions(dataset, n: int) -> list[str]:
-    from lcm.data import TrainData
-    data = TrainData(dataset)
-    return [data[i]["caption"] for i in range(min(n, len(data)))]

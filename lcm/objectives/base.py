@@ -216,9 +216,9 @@ class ConsistencyObjective(Objective):
         return teacher
 
     def check_lr(self, lr: float) -> None:
-        if self.lora_name and lr < 1e-5:
+        if self.lora is not None and lr < 1e-5:
             log.warning("LoRA distillation with lr=%g < 1e-5 learns (almost) nothing; the reference uses 1e-4", lr)
-        if not self.lora_name and lr > 1e-5:
+        if self.lora is None and lr > 1e-5:
             log.warning("full-model distillation with lr=%g > 1e-5 tends to diverge; the reference uses 1e-6", lr)
 
 #----------------------------------------------------------------------------
