@@ -163,6 +163,8 @@ def run(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     objective = instantiate(cfg.objective)
     pipe = build_pipeline(config["model"], config.get("lora"))
+    if (config.get("vae") or {}).get("tiny"):             # validation decodes with TAESD (training encodes with the VAE)
+        pipe.load_tiny_vae(config["vae"]["tiny"])
     data = build_data(cfg, pipe)
     tcfg = train_config(config["train"])
     logger = instantiate(cfg.logger)
