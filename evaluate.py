@@ -9,13 +9,12 @@ demo world's metrics), written to the run dir as results.json, results.md and re
 import hashlib
 import logging
 import os
-import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from lcm.cli import cuda_message, help_text, missing_value_message
+from lcm.cli import USER_ERRORS, help_text, preflight_message, run_or_exit
 
 log = logging.getLogger("evaluate")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -28,10 +27,8 @@ METHOD_KEYS = ("name", "solver", "steps", "guidance_scale", "eta", "spacing", "l
 def preflight(cfg: DictConfig) -> None:
     """One-line errors before anything is built: a mandatory (???) value unset, CUDA where there is none."""
     from hydra.core.hydra_config import HydraConfig
-    missing = sorted(OmegaConf.missing_keys(cfg), key=lambda k: (k != "model.path", k))
-    if missing:
-        raise ValueError(missing_value_message(missing[0], HydraConfig.get().runtime.choices.get("model")))
-    if msg := cuda_message(cfg.model.device, "model.device=cpu model.dtype=float32"):
+    if msg := preflight_message(OmegaConf.missing_keys(cfg), HydraConfig.get().runtime.choices.get("model"),
+                                cfg.model.device, "model.device=cpu model.dtype=float32"):
         raise ValueError(msg)
 
 
@@ -118,15 +115,7 @@ def run(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        preflight(cfg)
-        run(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError, MissingMandatoryValue) as e:
-        if cfg.debug:
-            raise
-        msg = (str(e).splitlines() or [type(e).__name__])[0]
-        print(f"evaluate.py: error: {msg}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit("evaluate.py", lambda: (preflight(cfg), run(cfg)), cfg.debug, USER_ERRORS + (MissingMandatoryValue,))
 
 
 if __name__ == "__main__":

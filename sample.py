@@ -8,7 +8,6 @@ import copy
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 
 import hydra
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lcm import infotext
-from lcm.cli import cuda_message, help_text, missing_value_message
+from lcm.cli import USER_ERRORS, help_text, preflight_message, run_or_exit
 
 log = logging.getLogger("sample")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -29,10 +28,8 @@ SOLVER_KEYS = ("steps", "guidance_scale", "timesteps", "solver.steps", "solver.g
 def preflight(cfg: DictConfig) -> None:
     """One-line errors before anything is built: a mandatory (???) value unset, CUDA where there is none."""
     from hydra.core.hydra_config import HydraConfig
-    missing = sorted(OmegaConf.missing_keys(cfg), key=lambda k: (k != "model.path", k))
-    if missing:
-        raise ValueError(missing_value_message(missing[0], HydraConfig.get().runtime.choices.get("model")))
-    if msg := cuda_message(cfg.model.device, "model.device=cpu model.dtype=float32"):
+    if msg := preflight_message(OmegaConf.missing_keys(cfg), HydraConfig.get().runtime.choices.get("model"),
+                                cfg.model.device, "model.device=cpu model.dtype=float32"):
         raise ValueError(msg)
 
 
@@ -395,15 +392,7 @@ def contact_sheet(rows, labels: list[str] | None = None):
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        preflight(cfg)
-        run(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError, MissingMandatoryValue) as e:
-        if cfg.debug:
-            raise
-        msg = (str(e).splitlines() or [type(e).__name__])[0]
-        print(f"sample.py: error: {msg}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit("sample.py", lambda: (preflight(cfg), run(cfg)), cfg.debug, USER_ERRORS + (MissingMandatoryValue,))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from lcm.cli import cuda_message, help_text, missing_value_message
+from lcm.cli import USER_ERRORS, help_text, missing_value_message, preflight_message, run_or_exit
 
 log = logging.getLogger("train")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -28,10 +28,8 @@ TASKS = ("train", "encode")
 def preflight(cfg: DictConfig) -> None:
     """One-line errors before anything is built: a mandatory (???) value unset, CUDA where there is none."""
     from hydra.core.hydra_config import HydraConfig
-    missing = sorted(OmegaConf.missing_keys(cfg), key=lambda k: (k != "model.path", k))
-    if missing:
-        raise ValueError(missing_value_message(missing[0], HydraConfig.get().runtime.choices.get("model")))
-    if msg := cuda_message(cfg.model.get("device", "cpu"), CPU_OVERRIDES):
+    if msg := preflight_message(OmegaConf.missing_keys(cfg), HydraConfig.get().runtime.choices.get("model"),
+                                cfg.model.get("device", "cpu"), CPU_OVERRIDES):
         raise ValueError(msg)
 
 
@@ -183,20 +181,13 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    def job():
         preflight(cfg)
         if cfg.get("task", "train") not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
         encode_task(cfg) if cfg.get("task") == "encode" else run(cfg)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, OSError,
-            MissingMandatoryValue) as e:
-        if cfg.debug:
-            raise
-        msg = (str(e).splitlines() or [type(e).__name__])[0]
-        if isinstance(e, MissingMandatoryValue):
-            msg += f" (set it on the command line, e.g. {e.full_key}=...)"
-        print(f"train.py: error: {msg}", file=sys.stderr)
-        sys.exit(2)
+    hint = lambda e: f" (set it on the command line, e.g. {e.full_key}=...)" if isinstance(e, MissingMandatoryValue) else ""  # noqa: E731
+    run_or_exit("train.py", job, cfg.debug, USER_ERRORS + (TypeError, MissingMandatoryValue), hint)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Plain Python only (no Hydra, no OmegaConf): the roots pass the composed config a
 """
 import os
 import re
+import sys
+from typing import Callable
 
 # Example values named by the "is not set" messages (the released file names, as in the README).
 EXAMPLE_CHECKPOINT = {
@@ -43,6 +45,29 @@ def cuda_message(device: str, cpu_overrides: str) -> str | None:
         return None
     return (f"model.device={device} but CUDA is not available on this machine; "
             f"to run on the CPU add: {cpu_overrides}")
+
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError)   # a bad value or file: one line
+
+
+def preflight_message(missing: list[str], model_choice: str | None, device: str, cpu_overrides: str) -> str | None:
+    """Why a composed config cannot run, in one line (a mandatory ??? value unset, model.path first;
+    CUDA asked for where there is none), or None."""
+    if missing:
+        return missing_value_message(sorted(missing, key=lambda k: (k != "model.path", k))[0], model_choice)
+    return cuda_message(device, cpu_overrides)
+
+
+def run_or_exit(prog: str, fn: Callable[[], object], debug: bool, errors: tuple = USER_ERRORS,
+                hint: Callable[[Exception], str] | None = None) -> None:
+    """fn(); a user error becomes `<prog>: error: <first line>` on stderr and exit code 2 (debug: raise)."""
+    try:
+        fn()
+    except errors as e:
+        if debug:
+            raise
+        msg = (str(e).splitlines() or [type(e).__name__])[0] + (hint(e) if hint else "")
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        sys.exit(2)
 
 #----------------------------------------------------------------------------
 # yaml comments -> meanings. The config files are the source of truth: a key's meaning is the

@@ -29,15 +29,12 @@ Two ways to read shards, chosen by what they allow (data.streaming=auto picks; d
 """
 from __future__ import annotations
 
-import copy
 import io
-import itertools
 import json
 import logging
 import os
 import random
 import tarfile
-from collections import deque
 from glob import glob
 from urllib.parse import urlparse
 
