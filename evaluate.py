@@ -20,7 +20,8 @@ log = logging.getLogger("evaluate")
 DTYPES = ("float32", "float16", "bfloat16")
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 OPTION_KEYS = ("reference", "inception_weights", "kid_subsets", "kid_subset_size", "clip_model", "clip_pretrained",
-               "demo_evaluator", "demo_n_ref", "metric_batch")
+               "aesthetic_weights", "aesthetic_clip_pretrained", "aesthetic_clip_model", "demo_evaluator", "demo_n_ref",
+               "metric_batch")
 METHOD_KEYS = ("name", "solver", "steps", "guidance_scale", "eta", "spacing", "lora_scales", "teacher")
 
 

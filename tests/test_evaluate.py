@@ -143,3 +143,39 @@ def test_validation_metrics_are_logged_against_the_training_step(tmp_path):
     assert [m["step"] for m in logged] == [2, 4]
     assert all(m["val/tiny_fid_2steps"] > 0 for m in logged)
     assert os.path.isfile(tmp_path / "validation" / "metrics_step_0000004.md")
+
+
+def test_aesthetic_score_is_the_laion_head_on_the_normalised_clip_embedding(tmp_path):
+    """aesthetic: Linear 768-1024-128-64-16-1 (the predictor's `layers.*` keys) on e / |e| of CLIP."""
+    import open_clip
+    cfg = dict(embed_dim=768, vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=16),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "tiny-aesthetic-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(tmp_path / "cfg"))
+    torch.manual_seed(0)
+    clip = open_clip.create_model("tiny-aesthetic-clip")
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    dims = [768, 1024, 128, 64, 16, 1]
+    head = {f"layers.{j}.{k}": (torch.randn(dims[i + 1], dims[i]) / dims[i] ** 0.5 if k == "weight" else torch.randn(dims[i + 1]))
+            for i, j in enumerate([0, 2, 4, 6, 7]) for k in ("weight", "bias")}
+    torch.save(head, tmp_path / "head.pth")
+    opts = {"aesthetic_clip_model": "tiny-aesthetic-clip", "aesthetic_clip_pretrained": str(tmp_path / "clip.pt"),
+            "aesthetic_weights": str(tmp_path / "head.pth")}
+    ms = MetricSet(["aesthetic"], opts).build()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    got = ms.features(images, ["a", "b"])["aesthetic"][:, 0]
+    from PIL import Image
+    _, _, preprocess = open_clip.create_model_and_transforms("tiny-aesthetic-clip", pretrained=str(tmp_path / "clip.pt"))
+    pil = [Image.fromarray((im.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()) for im in images]
+    with torch.no_grad():
+        e = clip.eval().encode_image(torch.stack([preprocess(p) for p in pil]))
+        x = e / e.norm(dim=-1, keepdim=True)
+        for j in (0, 2, 4, 6, 7):                              # no activations between the layers
+            x = x @ head[f"layers.{j}.weight"].T + head[f"layers.{j}.bias"]
+    assert torch.allclose(got, x[:, 0], atol=1e-4), (got, x[:, 0])
+    torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="aesthetic_weights: expected the keys"):
+        MetricSet(["aesthetic"], opts | {"aesthetic_weights": str(tmp_path / "bad.pth")}).build()
+    with pytest.raises(FileNotFoundError, match="sac\\+logos\\+ava1-l14-linearMSE.pth"):
+        MetricSet(["aesthetic"], {}).build()

@@ -244,24 +244,75 @@ def clip_where(model: str) -> str:
     return f"the open_clip weights of {model} (its open_clip_pytorch_model.bin or .safetensors)"
 
 
+def open_clip_model(name: str, path: str, device):
+    """(model in eval mode, image -> pixel tensor function) of an open_clip model with local weights."""
+    import open_clip
+    from PIL import Image
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=path, device=device)
+    model.eval()
+    pixels = lambda images: torch.stack([preprocess(Image.fromarray(a))                   # noqa: E731
+                                         for a in to_uint8(images).permute(0, 2, 3, 1).numpy()]).to(device)
+    return model, pixels
+
+
 def clip_extractor(options: dict) -> Extractor:
     """open_clip model `clip_model` with local weights `clip_pretrained`; per-image score (B, 1)."""
     import open_clip
-    from PIL import Image
     name = options.get("clip_model", "ViT-g-14")
     path = weights_file(options.get("clip_pretrained"), "clip_pretrained", clip_where(name))
     device = options.get("device", "cpu")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=path, device=device)
-    model.eval()
+    model, pixels = open_clip_model(name, path, device)
     tokenizer = open_clip.get_tokenizer(name)
 
     def extract(images: torch.Tensor, prompts: list) -> torch.Tensor:
         assert len(prompts) == len(images), "clip_score needs one caption per image"
-        pix = torch.stack([preprocess(Image.fromarray(a)) for a in to_uint8(images).permute(0, 2, 3, 1).numpy()])
-        img = model.encode_image(pix.to(device)).float()
+        img = model.encode_image(pixels(images)).float()
         txt = model.encode_text(tokenizer(list(prompts)).to(device)).float()
         cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
         return (100 * cos.clamp(min=0))[:, None].cpu()              # torchmetrics CLIPScore, per image
+    return extract
+
+
+#----------------------------------------------------------------------------
+# Aesthetic score: the LAION improved aesthetic predictor (christophschuhmann/improved-aesthetic-
+# predictor), a linear stack (no activations) on the L2-normalised CLIP ViT-L/14 image embedding.
+
+AESTHETIC_WHERE = ("sac+logos+ava1-l14-linearMSE.pth of christophschuhmann/improved-aesthetic-predictor "
+                   "on GitHub")
+AESTHETIC_CLIP_WHERE = ("open_clip_pytorch_model.bin of timm/vit_large_patch14_clip_224.openai on the Hugging "
+                        "Face hub (OpenAI's CLIP ViT-L/14 in open_clip's layout)")
+
+
+def aesthetic_head(state: dict) -> torch.nn.Sequential:
+    """The predictor's MLP: Linear 768-1024-128-64-16-1 (dropouts between, identity in eval)."""
+    dims, drop = [768, 1024, 128, 64, 16, 1], [0.2, 0.2, 0.1, None, None]
+    mods = []
+    for i, p in enumerate(drop):
+        mods.append(torch.nn.Linear(dims[i], dims[i + 1]))
+        if p is not None:
+            mods.append(torch.nn.Dropout(p))
+    head = torch.nn.Sequential(*mods)
+    state = {k.removeprefix("layers."): v for k, v in state.items()}
+    expected = set(head.state_dict())
+    if set(state) != expected:
+        raise ValueError(f"aesthetic_weights: expected the keys layers.{{{', '.join(sorted(expected))}}} of "
+                         f"{AESTHETIC_WHERE}, got {sorted(state)[:6]}")
+    head.load_state_dict(state)
+    return head.eval()
+
+
+def aesthetic_extractor(options: dict) -> Extractor:
+    """Per-image aesthetic score (B, 1), about 1-10: head(e / |e|), e = CLIP ViT-L/14 image embedding."""
+    head_path = weights_file(options.get("aesthetic_weights"), "aesthetic_weights", AESTHETIC_WHERE)
+    clip_path = weights_file(options.get("aesthetic_clip_pretrained"), "aesthetic_clip_pretrained",
+                             AESTHETIC_CLIP_WHERE)
+    device = options.get("device", "cpu")
+    model, pixels = open_clip_model(options.get("aesthetic_clip_model", "ViT-L-14"), clip_path, device)
+    head = aesthetic_head(_safe_state_dict(head_path)).to(device)
+
+    def extract(images: torch.Tensor, prompts: list) -> torch.Tensor:
+        e = model.encode_image(pixels(images)).float()
+        return head(torch.nn.functional.normalize(e, dim=-1)).cpu()
     return extract
 
 
@@ -270,6 +321,8 @@ register_extractor("clip", clip_extractor)
 register_metric("fid", "inception", _fid)
 register_metric("kid", "inception", _kid)
 register_metric("clip_score", "clip", lambda options: lambda f, p: {"clip_score": f[:, 0].mean().item()})
+register_extractor("aesthetic", aesthetic_extractor)
+register_metric("aesthetic", "aesthetic", lambda options: lambda f, p: {"aesthetic": f[:, 0].mean().item()})
 
 
 def load_plugins(modules) -> None:
