@@ -241,7 +241,7 @@ class Row:
 
 def solver_preset(solver: str) -> dict:
     """guidance_scale / eta / spacing of conf/solver/<solver>.yaml (a solver without a preset of its
-    own name, e.g. euler: the ddim teacher's CFG, or lcm's for a few-step sampler; eta, spacing null)."""
+    own name: the ddim teacher's CFG, or lcm's for a few-step sampler; eta, spacing null)."""
     path = os.path.join(CONF, "solver", f"{solver}.yaml")
     if os.path.isfile(path):
         p = OmegaConf.load(path)
