@@ -33,6 +33,8 @@ SKIP = [
     (r"^python benchmarks/(?!memory_table)", "full SD1.5-size UNet/VAE in ours and in diffusers: minutes and GiB a run, by hand"),
     (r"^python evaluate\.py .*(?:inception_weights|clip_pretrained)=",
      "FID / CLIP score of real SD weights on COCO: needs the Inception and CLIP weights and the images (not here)"),
+    (r"^python evaluate\.py n_prompts=\d+$", "once shortened (n_prompts=4) the same run as `python evaluate.py`, which runs"),
+    (r"^torchrun .*train\.distributed=fsdp", "tests/test_fsdp.py launches the same 2-process FSDP run (and checks it against one process)"),
     (r"^python -m demo\.compare\b", "evaluates the three finished 400-step runs above (~25 CPU-minutes of training)"),
     (r"\.\.\.", "arguments elided in the prose; the full recipe (CPU-hours) is in docs/demo_results.md"),
 ]

@@ -62,8 +62,8 @@ def test_out_dir_that_is_a_file(ckpt, tmp_path):
 
 
 def test_unknown_solver_is_named(ckpt):
-    res = run("model=sd15", f"model.path={ckpt}", "solver=euler")
-    assert res.returncode != 0 and "euler" in res.stderr and "Traceback" not in res.stderr
+    res = run("model=sd15", f"model.path={ckpt}", "solver=heun")
+    assert res.returncode != 0 and "heun" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_missing_model_path_is_one_line_naming_key_and_example():
