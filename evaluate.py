@@ -82,6 +82,17 @@ def build_pipeline(cfg: DictConfig):
     return pipe
 
 
+def png_info(cfg: DictConfig, pipe, lora: list) -> dict:
+    """The A1111 infotext fields every saved image shares: model name and hash, LoRAs (no paths)."""
+    from lcm import infotext
+    entries = [{"path": e} if isinstance(e, str) else dict(e) for e in lora]
+    names = list(pipe._adapter_scales())                 # adapters in load order, as load_loras named them
+    return {"Model": infotext.stem(cfg.model.path), "Model hash": infotext.short_hash(cfg.model.path),
+            "loras": [(a, infotext.stem(e["path"]), infotext.lora_hash(e["path"])) for a, e in zip(names, entries)],
+            "lora_scales": pipe._adapter_scales(),
+            "lcm_like": [a for a in names if a == "lcm" or a in getattr(pipe, "adapter_specs", {})]}
+
+
 def run(cfg: DictConfig) -> list[dict]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -108,7 +119,8 @@ def run(cfg: DictConfig) -> list[dict]:
     title = f"Evaluation: {os.path.basename(cfg.model.path)}, {len(prompts)} images of prompts={cfg.prompts}"
     rows = run_grid(pipe, methods, prompts, ms, out_dir, batch_size=int(cfg.batch_size),
                     save_images=bool(cfg.save_images), height=cfg.height, width=cfg.width,
-                    on_cell=lambda r: write_report(out_dir, r, config, title, with_plot=False))
+                    on_cell=lambda r: write_report(out_dir, r, config, title, with_plot=False),
+                    png_info=png_info(cfg, pipe, lora) if cfg.save_images else None)
     for p in write_report(out_dir, rows, config, title):
         print(p)
     return rows

@@ -137,12 +137,29 @@ def validate(pipe, objective: Objective, cfg: TrainConfig, prompts: list, size: 
     return rows + teacher_rows
 
 
-def save_grid(rows: list, path: str) -> None:
-    from PIL import Image
+def grid_infotext(rows: list, prompts: list, cfg: TrainConfig, size: int, step: int, model: str | None) -> str:
+    """A1111 infotext of a validation grid (lcm/infotext.py): its first row's settings, every row's label,
+    the prompts and seeds of its columns, the training step; the model by file name only."""
+    from lcm.infotext import SAMPLER_NAMES, format_infotext, stem
+    solver, steps, s = rows[0][0].removeprefix("teacher ").split()
+    return format_infotext({"prompt": prompts[0], "Steps": int(steps), "Sampler": SAMPLER_NAMES.get(solver, solver),
+                            "CFG scale": float(s.removeprefix("s=")), "Seed": int(cfg.val_seeds[0]) * 1000,
+                            "Size": f"{size}x{size}", "Model": stem(model) if model else None,
+                            "Grid rows": " | ".join(lbl for lbl, _ in rows),
+                            "Grid columns": " | ".join(f"seed {int(v) * 1000} {p}" for v in cfg.val_seeds for p in prompts),
+                            "Training step": step})
+
+
+def save_grid(rows: list, path: str, infotext: str | None = None) -> None:
+    """Rows of images as one PNG (with an A1111 "parameters" chunk when given)."""
+    from PIL import Image, PngImagePlugin
     img = torch.cat([torch.cat(list(r), dim=2) for _, r in rows], dim=1)   # (3, rows*H, cols*W)
     arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(arr).save(path)
+    info = PngImagePlugin.PngInfo()
+    if infotext:
+        info.add_text("parameters", infotext)
+    Image.fromarray(arr).save(path, pnginfo=info)
 
 #----------------------------------------------------------------------------
 # Optimizer.
@@ -373,7 +390,8 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
                     prompts = prompts or list(cfg.val_prompts or first_captions(dataset, 2))
                     rows = validate(pipe, objective, cfg, prompts, image_size(batch), teacher_rows)
                     path = os.path.join(run_dir, "validation", f"step_{step:07d}.png")
-                    save_grid(rows, path)
+                    save_grid(rows, path, grid_infotext(rows, prompts, cfg, image_size(batch), step,
+                                                        ((config or {}).get("model") or {}).get("path")))
                     logr.image("validation", path, step, " | ".join(lbl for lbl, _ in rows))
                     if cfg.val_metrics:                    # FID / CLIP / demo metrics (lcm/evaluation)
                         from lcm.evaluation.validation import validation_metrics

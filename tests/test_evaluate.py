@@ -75,12 +75,23 @@ def test_cli_missing_weights_is_one_line_and_results_json(tmp_path):
     line, = res.stderr.strip().splitlines()
     assert "inception_weights" in line and "pt_inception-2015-12-05-6726825d.pth" in line
     res = subprocess.run([sys.executable, "evaluate.py", "n_prompts=4", "demo_n_ref=64", "batch_size=4",
-                          "methods=[{name: LCM-LoRA, solver: lcm, steps: [1]}]", f"hydra.run.dir={tmp_path / 'b'}"],
+                          "save_images=true", "methods=[{name: LCM-LoRA, solver: lcm, steps: [1]}, "
+                          "{name: teacher, solver: ddim, steps: [2], teacher: true}]", f"hydra.run.dir={tmp_path / 'b'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    row, = json.load(open(tmp_path / "b" / "results.json"))["rows"]
+    rows = json.load(open(tmp_path / "b" / "results.json"))["rows"]
     for k in ("method", "solver", "steps", "guidance_scale", "nfe", "seconds_per_image", "demo_acc", "demo_fd"):
-        assert k in row
+        assert all(k in row for row in rows)
+    from PIL import Image
+    from sd_parsers import ParserManager                       # kept images carry A1111 infotext
+    for cell, sampler, lora in (("LCM-LoRA-1steps", "LCM", "<lora:demo_lcm_lora:1>"), ("teacher-2steps", "DDIM", None)):
+        png, = [p for p in (tmp_path / "b" / "cells").glob(f"{cell}-*/images/000001.png")]
+        text = Image.open(png).text["parameters"]
+        assert str(ROOT) not in text and str(tmp_path) not in text
+        assert (lora in text) if lora else "<lora:" not in text
+        info = ParserManager().parse(Image.open(png))
+        sm = info.samplers[0]
+        assert sm.name == sampler and int(sm.parameters["steps"]) == int(cell[-6]) and int(sm.parameters["seed"]) == 1
 
 
 def test_demo_grid_equals_demo_bench_on_the_same_prompts_and_seeds(tmp_path):

@@ -283,3 +283,20 @@ def test_nfe_label_counts_unet_evaluations(runs):
             assert seen[0] == sample_py.nfe(pipe, sample_py.Row(solver, 2, s, None, None, {}, False)), (solver, s)
     finally:
         hook.remove()
+
+
+def test_training_validation_grid_carries_infotext(tmp_path):
+    """The trainer's validation grids are PNGs the project writes too: sd-parsers reads them, no paths."""
+    from PIL import Image
+    from sd_parsers import ParserManager
+
+    from tests.test_trainer import LORA, data, small, tiny_pipe, train
+    setup = small(max_steps=2, validate_every=2, val_steps=[1], val_guidance=[1.0])
+    train(tiny_pipe(), data(), setup, str(tmp_path), LORA, config={"model": {"path": str(tmp_path / "tiny.safetensors")}})
+    png, = (tmp_path / "validation").glob("step_*.png")
+    text = Image.open(png).text["parameters"]
+    assert str(tmp_path) not in text and "Training step: 2" in text and "Grid rows:" in text
+    info = ParserManager().parse(Image.open(png))
+    sm = info.samplers[0]
+    assert sm.name == "LCM" and int(sm.parameters["steps"]) == 1 and sm.model.name == "tiny"
+    assert info.full_prompt.strip()

@@ -118,12 +118,30 @@ def _load_batch(path: str, needed: list[str]):
     return feats, json.loads(meta["lcm.eval_batch"])
 
 
-def _save_images(images: torch.Tensor, folder: str, start: int) -> None:
-    from PIL import Image
+def _save_images(images: torch.Tensor, folder: str, start: int, infotexts: list[str]) -> None:
+    """Images as <folder>/<index>.png, each with its A1111 infotext (lcm/infotext.py) in "parameters"."""
+    from PIL import Image, PngImagePlugin
     os.makedirs(folder, exist_ok=True)
     arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for j, a in enumerate(arr):
-        atomic_write(os.path.join(folder, f"{start + j:06d}.png"), lambda p, a=a: Image.fromarray(a).save(p, format="PNG"))
+    for j, (a, text) in enumerate(zip(arr, infotexts)):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", text)
+        atomic_write(os.path.join(folder, f"{start + j:06d}.png"),
+                     lambda p, a=a, info=info: Image.fromarray(a).save(p, format="PNG", pnginfo=info))
+
+
+def image_infotext(method: Method, steps: int, prompt: str, seed: int, size: tuple[int, int], png_info: dict) -> str:
+    """One evaluation image's A1111 infotext: its sampler settings, seed and size, plus png_info
+    (what every image shares: Model, Model hash, loras as (name, scale, hash))."""
+    from lcm.infotext import SAMPLER_NAMES, format_infotext
+    scales = dict(png_info.get("lora_scales") or {}) | {k: float(v) for k, v in method.lora_scales.items()}
+    loras = [(n, scales.get(a, 1.0), h) for a, n, h in png_info.get("loras", [])
+             if scales.get(a, 1.0) != 0.0 and not (method.teacher and a in png_info.get("lcm_like", ()))]
+    return format_infotext({"prompt": prompt, "Steps": steps, "Sampler": SAMPLER_NAMES.get(method.solver, method.solver),
+                            "CFG scale": method.guidance_scale, "Seed": seed, "Size": f"{size[0]}x{size[1]}",
+                            "Model hash": png_info.get("Model hash"), "Model": png_info.get("Model"),
+                            "loras": loras, "Solver": method.solver, "Eta": method.eta, "Spacing": method.spacing,
+                            "Evaluation method": method.name})
 
 
 def check_grid(out_dir: str, fingerprint: dict) -> None:
@@ -144,9 +162,10 @@ def check_grid(out_dir: str, fingerprint: dict) -> None:
 
 def run_grid(pipe, methods: list[Method], prompts: PromptSet, metrics: MetricSet, out_dir: str,
              batch_size: int = 64, save_images: bool = False, height: int | None = None,
-             width: int | None = None, progress: bool = True, on_cell=None) -> list[dict]:
+             width: int | None = None, progress: bool = True, on_cell=None, png_info: dict | None = None) -> list[dict]:
     """Evaluate every (method, steps) cell; returns one row per cell (settings, NFE, seconds per image,
-    every metric). on_cell(rows) is called after each finished cell (e.g. to write the report)."""
+    every metric). on_cell(rows) is called after each finished cell (e.g. to write the report).
+    png_info: the infotext fields saved images share (image_infotext)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
     needed = metrics.extractor_names
@@ -184,7 +203,10 @@ def run_grid(pipe, methods: list[Method], prompts: PromptSet, metrics: MetricSet
                     f = metrics.features(images, p)
                     info = dict(n=len(p), seconds=dt, nfe=counter.n / len(p) if counter.handle else None)
                     if save_images:
-                        _save_images(images, os.path.join(cdir, "images"), start)
+                        size = (images.shape[-1], images.shape[-2])
+                        texts = [image_infotext(m, steps, q, prompts.seed + start + j, size, png_info or {})
+                                 for j, q in enumerate(p)]
+                        _save_images(images, os.path.join(cdir, "images"), start, texts)
                     atomic_write(path, lambda q, f=f, info=info: save_file(
                         {f"feat.{k}": v.contiguous() for k, v in f.items()}, q,
                         metadata={"lcm.eval_batch": json.dumps(info)}))
