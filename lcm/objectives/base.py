@@ -197,23 +197,27 @@ class ConsistencyObjective(Objective):
 
     def loss(self, student_call, z, cond, uncond, generator):
         p, schedule = self.pipe, self.schedule(z.device)
-        target_net = net_fn(self.target)
-
-        def target(*a):
-            with self.target_ctx():
-                return target_net(*a)
-        return lcd_loss(net_fn(student_call), target, self.estimate(schedule), z, cond, uncond, schedule, generator,
-                        prediction_type=p.prediction_type, sigma_data=self.spec.sigma_data,
+        return lcd_loss(net_fn(student_call), self.target_net(), self.estimate(schedule), z, cond, uncond, schedule,
+                        generator, prediction_type=p.prediction_type, sigma_data=self.spec.sigma_data,
                         timestep_scaling=self.spec.timestep_scaling, **self.kw)
+
+    @staticmethod
+    def _in_context(module, ctx):
+        """module as net(x, t, cond, w), each call inside ctx()."""
+        base = net_fn(module)
+
+        def net(*a):
+            with ctx():
+                return base(*a)
+        return net
 
     def teacher_net(self):
         """The teacher as net(x, t, cond, w), inside its context (adapters off for a LoRA run)."""
-        base = net_fn(self.teacher)
+        return self._in_context(self.teacher, self.teacher_ctx)
 
-        def teacher(*a):
-            with self.teacher_ctx():
-                return base(*a)
-        return teacher
+    def target_net(self):
+        """The target as net(x, t, cond, w), inside its context (the EMA adapter, if any)."""
+        return self._in_context(self.target, self.target_ctx)
 
     def check_lr(self, lr: float) -> None:
         if self.lora is not None and lr < 1e-5:

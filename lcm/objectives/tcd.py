@@ -10,14 +10,10 @@ carries ConsistencySpec(objective="tcd") and is sampled with solver=tcd (gamma =
 """
 from __future__ import annotations
 
-import logging
-
 from lcm.consistency import ConsistencySpec
 from lcm.distill import check_teacher_solver, net_fn, teacher_estimate
 from lcm.distill_phased import tcd_loss
 from lcm.objectives.base import ConsistencyObjective
-
-log = logging.getLogger(__name__)
 
 
 class DDIMFormObjective(ConsistencyObjective):
@@ -42,19 +38,6 @@ class DDIMFormObjective(ConsistencyObjective):
 
     def estimate(self, schedule):
         return teacher_estimate(self.teacher_net(), schedule, self.pipe.prediction_type, self.teacher_solver)
-
-    def target_net(self):
-        """The target as net(x, t, cond, w), inside its context (the EMA adapter, if any)."""
-        base = net_fn(self.target)
-
-        def target(*a):
-            with self.target_ctx():
-                return base(*a)
-        return target
-
-    def check_lr(self, lr: float) -> None:                 # self.lora: known before setup()
-        if lr < 1e-5:
-            log.warning("LoRA distillation with lr=%g < 1e-5 learns (almost) nothing; LCM-LoRA uses 1e-4", lr)
 
 #----------------------------------------------------------------------------
 
