@@ -86,10 +86,11 @@ def png_info(cfg: DictConfig, pipe, lora: list) -> dict:
     """The A1111 infotext fields every saved image shares: model name and hash, LoRAs (no paths)."""
     from lcm import infotext
     entries = [{"path": e} if isinstance(e, str) else dict(e) for e in lora]
-    names = list(pipe._adapter_scales())                 # adapters in load order, as load_loras named them
+    scales = pipe._adapter_scales()                       # adapters in load order, as load_loras named them
+    names = list(scales)
     return {"Model": infotext.stem(cfg.model.path), "Model hash": infotext.short_hash(cfg.model.path),
             "loras": [(a, infotext.stem(e["path"]), infotext.lora_hash(e["path"])) for a, e in zip(names, entries)],
-            "lora_scales": pipe._adapter_scales(),
+            "lora_scales": scales,
             "lcm_like": [a for a in names if a == "lcm" or a in getattr(pipe, "adapter_specs", {})]}
 
 
