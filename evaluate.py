@@ -84,7 +84,7 @@ def build_pipeline(cfg: DictConfig):
 
 def png_info(cfg: DictConfig, pipe, lora: list) -> dict:
     """The A1111 infotext fields every saved image shares: model name and hash, LoRAs (no paths)."""
-    from lcm import infotext
+    from lcm.sampling import infotext
     entries = [{"path": e} if isinstance(e, str) else dict(e) for e in lora]
     scales = pipe._adapter_scales()                       # adapters in load order, as load_loras named them
     names = list(scales)

@@ -14,8 +14,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from lcm import infotext
 from lcm.cli import USER_ERRORS, help_text, preflight_message, run_or_exit
+from lcm.sampling import infotext
 
 log = logging.getLogger("sample")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -113,7 +113,7 @@ def save_png(img, path: str, params: dict | str) -> None:
 # from_png: the parameters of a PNG this script wrote -> the config that regenerates it.
 
 def read_png(path: str) -> dict:
-    """A PNG's "parameters" chunk, parsed (lcm.infotext.parse_infotext); one-line errors."""
+    """A PNG's "parameters" chunk, parsed (lcm.sampling.infotext.parse_infotext); one-line errors."""
     from PIL import Image
     if not os.path.isfile(path):
         raise FileNotFoundError(f"from_png not found: {path}")
@@ -284,7 +284,7 @@ def row_label(pipe, row: Row) -> str:
 
 def image_params(cfg: DictConfig, pipe, loras: list[dict], row: Row, prompt: str, seed: int,
                  size: tuple[int, int], batch: tuple[int, int]) -> dict:
-    """The A1111 infotext fields of one image (lcm.infotext.format_infotext); names, never paths."""
+    """The A1111 infotext fields of one image (lcm.sampling.infotext.format_infotext); names, never paths."""
     tiny = (cfg.get("vae") or {}).get("tiny")
     eta = row.eta
     if eta is None and row.solver in ("ddim", "tcd"):

@@ -83,7 +83,7 @@ def train_config(train: dict):
     conf/objective/*.yaml reads as ${train.<key>} (so train.k etc. work as documented)."""
     from dataclasses import fields
 
-    from lcm.trainer import TrainConfig
+    from lcm.training.loop import TrainConfig
     return TrainConfig(**{f.name: train[f.name] for f in fields(TrainConfig) if f.name in train})
 
 
@@ -114,20 +114,20 @@ def instantiate(node):
 
 
 def build_data(cfg: DictConfig, pipe):
-    """The dataset data= names (indexed or streamed, lcm/data.py); data=latents checked against the model."""
-    from lcm.encode import check_latents
+    """The dataset data= names (indexed or streamed, lcm/data/); data=latents checked against the model."""
+    from lcm.data.encode import check_latents
     data = instantiate(cfg.data)
     check_latents(data, pipe)
     return data
 
 
 def encode_task(cfg: DictConfig) -> dict:
-    """task=encode: write the VAE moments and text embeddings of data= into encode.out (lcm/encode.py).
+    """task=encode: write the VAE moments and text embeddings of data= into encode.out (lcm/data/encode.py).
     Under torchrun rank r encodes units r, r + world, ... (no process group: ranks never wait on each
     other); whichever rank finishes last writes manifest.json."""
     import torch
 
-    from lcm.encode import encode, finish
+    from lcm.data.encode import encode, finish
     out = cfg.encode.get("out")
     if not out:
         raise ValueError("encode.out is not set: give a folder for the latent shards, e.g. encode.out=/data/latents")
@@ -155,7 +155,8 @@ def encode_task(cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """Build everything the config names and train; returns the trainer's summary."""
-    from lcm.trainer import init_distributed, train
+    from lcm.training.distributed import init_distributed
+    from lcm.training.loop import train
     dist = init_distributed(cfg.model.device)
     run_dir = run_dir_of(dist)
     config = OmegaConf.to_container(cfg, resolve=True)

@@ -1,5 +1,5 @@
 """Per-GPU memory of the training state (weights, gradients, AdamW, EMA, teacher) from parameter counts:
-LCM-LoRA vs full LCD, DDP vs FSDP (train.distributed=fsdp, lcm/fsdp.py), with and without
+LCM-LoRA vs full LCD, DDP vs FSDP (train.distributed=fsdp, lcm/training/fsdp.py), with and without
 train.frozen_storage=bfloat16. No GPU, nothing allocated: the SD1.5 and SDXL UNets are built on the
 meta device from the repo's presets (models.unet.UNET_PRESETS) and the LoRA injected as training does.
 
@@ -18,7 +18,7 @@ Model (bytes per parameter; P = UNet, P_s = student = P + the w-embedding, L = L
   the reduce-scatter (4), for it and the prefetched next unit: 2 x 6 x (largest unit).
 - Not counted: activations (batch, resolution, train.gradient_checkpointing), the VAE and text
   encoders (SD1.5 ~0.6 GB, SDXL ~1.7 GB in fp16, replicated), CUDA context and allocator slack.
-FSDP with a LoRA is not offered (lcm/trainer.py refuses it); its column shows what it would be.
+FSDP with a LoRA is not offered (lcm/training/loop.py refuses it); its column shows what it would be.
 """
 import argparse
 import os
@@ -29,7 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lcm.fsdp import blocks                                           # noqa: E402
+from lcm.training.fsdp import blocks                                           # noqa: E402
 from models import lora as lora_lib                                   # noqa: E402
 from models.unet import UNET_PRESETS, UNetModel                       # noqa: E402
 

@@ -53,11 +53,11 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 #----------------------------------------------------------------------------
-# Ours: lcm.distill.lcd_loss over models.unet + models.lora.
+# Ours: lcm.objectives.distill.lcd_loss over models.unet + models.lora.
 
 def ours_step(args):
-    from lcm.distill import lcd_loss, teacher_ddim_estimate
-    from lcm.trainer import TrainConfig, make_optimizer
+    from lcm.objectives.distill import lcd_loss, teacher_ddim_estimate
+    from lcm.training.loop import TrainConfig, make_optimizer
     from models.lora import adapters_disabled, inject_lora
     from models.text import Conditioning
     from models.unet import UNET_PRESETS, UNetModel

@@ -77,8 +77,8 @@ def evaluate(runs: list[dict], teacher: str, evaluator: str, n: int, seed: int, 
     from demo.bench import generate, score
     from demo.evaluator import DemoEvaluator
     from demo.world import fixed_prompt_set
-    from lcm.checkpointing import log_summary
     from lcm.pipeline import Pipeline
+    from lcm.runs.logger import log_summary
     from models.lora import remove_lora
     ev = DemoEvaluator.load(evaluator)
     ref = ev.reference_stats(2048, seed=1, style="plain")

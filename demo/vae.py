@@ -40,7 +40,7 @@ from demo.arch import TEACHER_ARCH, VAE_ARCH
 from demo.evaluator import DemoEvaluator
 from demo.text import load_text
 from demo.world import real_batch, sample, world_spec
-from lcm.checkpointing import save_model_file
+from models.checkpoint import save_model_file
 from models.checkpoint import VAE_PREFIX
 from models.text import TextConditioner
 from models.unet import UNetModel

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -347,3 +348,48 @@ def _guard(what: str, build):
         raise
     except Exception as e:                           # assert/TypeError/ZeroDivisionError on junk sizes
         raise ValueError(f"cannot build {what} ({type(e).__name__}: {e})") from None
+
+#----------------------------------------------------------------------------
+# Writing full models as original-layout single files (the reader is above).
+
+def fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def original_state_dict(unet, vae, text, text_family: str) -> dict[str, torch.Tensor]:
+    """UNet + VAE + text towers under the original prefixes (text in the family's layout); `unet` is
+    a module or its state dict (e.g. gathered from FSDP shards, lcm/training/fsdp.py)."""
+    from models.checkpoint import UNET_PREFIX, VAE_PREFIX
+    from models.keymaps import clip_state_dict_open_clip_to_hf
+    from models.lora import is_lora_key
+    from models.text import SOURCES
+    if text_family not in SOURCES:
+        raise ValueError(f"text_family must be one of {sorted(SOURCES)} (the layout the text towers "
+                         f"are stored in), got {text_family!r}")
+    unet_sd = unet if isinstance(unet, dict) else unet.state_dict()
+    sd = {UNET_PREFIX + k: v for k, v in unet_sd.items() if not is_lora_key(k)}
+    sd |= {VAE_PREFIX + k: v for k, v in vae.state_dict().items()}
+    assert len(SOURCES[text_family]) == len(text.towers), f"{text_family} has {len(SOURCES[text_family])} towers"
+    for (prefix, layout), tower in zip(SOURCES[text_family], text.towers):
+        part = {k: v for k, v in tower.state_dict().items() if not is_lora_key(k)}
+        part = clip_state_dict_open_clip_to_hf(part) if layout == "hf" else part
+        sd |= {prefix + k: v for k, v in part.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+def save_model_file(path: str, unet, vae, text, config: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write a full model as one safetensors file; config = dict(family, text_family, unet, vae)
+    (UNetModel / AutoencoderKL kwargs) is stored as `lcm.config` so the file rebuilds itself."""
+    config = _jsonable(dict(config, text=text.config))
+    meta = {**(metadata or {}), "lcm.config": json.dumps(config)}
+    save_file(original_state_dict(unet, vae, text, config["text_family"]), path, metadata=meta)
+    fsync(path)
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x

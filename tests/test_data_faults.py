@@ -13,7 +13,8 @@ import zlib
 
 import pytest
 
-from lcm.data import ImageFolder, SkipSample, TarShards, TrainData, load_image
+from lcm.data.order import TrainData
+from lcm.data.sources import ImageFolder, SkipSample, TarShards, load_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lcm.consistency import guidance_embedding
-from lcm.distill import (diffusion_loss, distance, draw_points, lcd_loss, model_target, same_noise_estimate,
+from lcm.objectives.distill import (diffusion_loss, distance, draw_points, lcd_loss, model_target, same_noise_estimate,
                          teacher_ddim_estimate)
 from models.lora import adapters_disabled, inject_lora
 from models.text import Conditioning

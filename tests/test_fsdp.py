@@ -1,4 +1,4 @@
-"""train.distributed=fsdp (lcm/fsdp.py): 2 CPU processes over gloo, torchrun, the full-LCD smoke model
+"""train.distributed=fsdp (lcm/training/fsdp.py): 2 CPU processes over gloo, torchrun, the full-LCD smoke model
 (student, EMA target and teacher all sharded) against one process with the same global batch; resume
 from a sharded checkpoint; the export; the refusals."""
 import json
@@ -11,8 +11,9 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
-import lcm.checkpointing as ck
-from lcm import trainer
+from lcm.runs import state as run_state
+from lcm.training import distributed
+from lcm.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_MODEL = OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "conf/experiment/smoke.yaml")).model)
@@ -61,7 +62,7 @@ def phases(out: str) -> None:
 
 
 def flat(state: dict) -> dict[str, torch.Tensor]:
-    return ck.flatten_state(state)[0]
+    return run_state.flatten_state(state)[0]
 
 
 @pytest.mark.slow
@@ -92,7 +93,7 @@ def test_fsdp_two_processes_equal_one_process_and_resume_is_exact(tmp_path):
     assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
 
     # the sharded run's checkpoint is the single-process file: same tensors (names, shapes), same skeleton
-    sa, sb = (ck.load_state(os.path.join(d, "checkpoints", "step_0000004", ck.STATE_FILE)) for d in (one, two))
+    sa, sb = (run_state.load_state(os.path.join(d, "checkpoints", "step_0000004", run_state.STATE_FILE)) for d in (one, two))
     fa, fb = flat(sa), flat(sb)
     drop = ("s.rng.", "s.world_size")
     fa, fb = ({k: v for k, v in f.items() if not k.startswith(drop)} for f in (fa, fb))
@@ -105,7 +106,7 @@ def test_fsdp_two_processes_equal_one_process_and_resume_is_exact(tmp_path):
     assert sorted(lr) == [3, 4] and all(lr[s] == lb[s] for s in lr), (lr, lb)
     c = load_file(os.path.join(res, "model.safetensors"))
     assert c.keys() == b.keys() and all(torch.equal(b[k], c[k]) for k in b)    # bit for bit
-    sc = flat(ck.load_state(os.path.join(res, "checkpoints", "step_0000004", ck.STATE_FILE)))
+    sc = flat(run_state.load_state(os.path.join(res, "checkpoints", "step_0000004", run_state.STATE_FILE)))
     sb_t = flat(sb)
     assert all(torch.equal(sb_t[k], sc[k]) for k in sb_t if not k.startswith("s.rng."))
 
@@ -114,7 +115,7 @@ def test_fsdp_two_processes_equal_one_process_and_resume_is_exact(tmp_path):
     path = os.path.join(two, "checkpoints", "step_0000004")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    step, _ = ck.restore_training_state(path, obj.trainables, opt, sched, scaler, obj.ema, 0, 1)
+    step, _ = run_state.restore_training_state(path, obj.trainables, opt, sched, scaler, obj.ema, 0, 1)
     assert step == 4
     assert all(torch.equal(p, sb["trainables"][n]) for n, p in obj.trainables)
     assert all(torch.equal(v, sb["ema"][k]) for k, v in obj.ema.state_dict().items())
@@ -125,10 +126,10 @@ def single_process_lcd():
     """The smoke LCD objective placed in one process, with its AdamW (as the trainer builds them)."""
     from lcm.objectives.lcd import LCD
     from train import build_pipeline
-    cfg = trainer.TrainConfig(lr=1e-5, batch_size=2)
+    cfg = loop.TrainConfig(lr=1e-5, batch_size=2)
     pipe, obj = build_pipeline(SMOKE_MODEL), LCD(lora=None, ema_decay=0.95)
-    trainer.place(pipe, obj, cfg, trainer.Dist())
-    return pipe, obj, trainer.make_optimizer([p for _, p in obj.trainables], cfg)
+    loop.place(pipe, obj, cfg, distributed.Dist())
+    return pipe, obj, loop.make_optimizer([p for _, p in obj.trainables], cfg)
 
 
 def same_optimizer_state(a: dict, b: dict) -> bool:
@@ -138,9 +139,9 @@ def same_optimizer_state(a: dict, b: dict) -> bool:
 
 
 def test_optimizer_state_name_and_index_layouts_round_trip():
-    """lcm.fsdp converts get_optimizer_state_dict's name-keyed layout to optimizer.state_dict()'s
+    """lcm.training.fsdp converts get_optimizer_state_dict's name-keyed layout to optimizer.state_dict()'s
     index-keyed one (what the state file holds) and back, exactly."""
-    from lcm import fsdp
+    from lcm.training import fsdp
     _, obj, opt = single_process_lcd()
     for _, p in obj.trainables:
         p.grad = torch.randn_like(p)
@@ -159,10 +160,10 @@ def test_fsdp_refuses_lora_and_fp16_in_one_line():
     pipe = build_pipeline(SMOKE_MODEL)
     for obj, kw in ((LCDLoRA(lora=LoRAConfig(rank=4, alpha=4)), {}), (LCD(lora=None), dict(mixed_precision="fp16"))):
         with pytest.raises(ValueError, match="train.distributed=fsdp") as e:
-            trainer.check_config(trainer.TrainConfig(distributed="fsdp", **kw), obj, pipe)
+            loop.check_config(loop.TrainConfig(distributed="fsdp", **kw), obj, pipe)
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="train.distributed must be one of ddp, fsdp"):
-        trainer.check_config(trainer.TrainConfig(distributed="zero3"), LCD(lora=None), pipe)
+        loop.check_config(loop.TrainConfig(distributed="zero3"), LCD(lora=None), pipe)
 
 
 if __name__ == "__main__":                                  # a torchrun rank of torchrun_phases

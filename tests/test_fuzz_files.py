@@ -276,8 +276,8 @@ def mutate_st(rng, raw: bytes, kind: str) -> tuple[str, bytes]:
 # A .ckpt: a tiny SD1.x-layout model (family detected from keys; no metadata), pickled by torch.save.
 
 def tiny_sd15_state_dict() -> dict:
-    from lcm.checkpointing import original_state_dict
     from lcm.pipeline import Pipeline
+    from models.checkpoint import original_state_dict
     p = Pipeline.from_architecture(
         "sd15", unet=dict(model_channels=32, num_res_blocks=1, channel_mult=[1, 2], transformer_depth=[1, 0],
                           num_heads=8, context_dim=768),

@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 
-import lcm.pipeline as pl
+import lcm.sampling.guards as pl
 from lcm.pipeline import Pipeline
 from models.text import tokenize
 
@@ -50,20 +50,20 @@ def test_a_size_that_cannot_fit_is_refused_before_allocating_with_the_size_neede
 
 
 def test_the_memory_check_uses_free_memory_and_counts_what_is_kept(pipe, monkeypatch):
-    parts = pl._sampling_memory(pipe, 2, 64, 64, "pil", 1.0)
+    parts = pl.sampling_memory(pipe, 2, 64, 64, "pil", 1.0)
     need = sum(parts.values())
-    monkeypatch.setattr(pl, "_available_memory", lambda device: need - 1)
+    monkeypatch.setattr(pl, "available_memory", lambda device: need - 1)
     with pytest.raises(ValueError, match=r"64x64 x 2 image\(s\) needs at least"):
         pipe(["a", "b"], **{**KW, "output": "pil"})
-    monkeypatch.setattr(pl, "_available_memory", lambda device: need)
+    monkeypatch.setattr(pl, "available_memory", lambda device: need)
     assert len(pipe(["a", "b"], **{**KW, "output": "pil"})) == 2
-    latent_only = pl._sampling_memory(pipe, 2, 64, 64, "latent", 1.0)   # no decode: no image terms
+    latent_only = pl.sampling_memory(pipe, 2, 64, 64, "latent", 1.0)   # no decode: no image terms
     assert set(latent_only) == {"latents", "UNet skips"} and sum(latent_only.values()) < need
-    assert pl._sampling_memory(pipe, 1, 64, 64, "latent", 7.5)["UNet skips"] == \
-        2 * pl._sampling_memory(pipe, 1, 64, 64, "latent", 1.0)["UNet skips"]   # CFG runs the batch twice
+    assert pl.sampling_memory(pipe, 1, 64, 64, "latent", 7.5)["UNet skips"] == \
+        2 * pl.sampling_memory(pipe, 1, 64, 64, "latent", 1.0)["UNet skips"]   # CFG runs the batch twice
     pipe.vae.enable_tiling(tile_size=4, tile_overlap=1)
     try:
-        assert pl._sampling_memory(pipe, 2, 64, 64, "pil", 1.0)["VAE decode"] < parts["VAE decode"]
+        assert pl.sampling_memory(pipe, 2, 64, 64, "pil", 1.0)["VAE decode"] < parts["VAE decode"]
     finally:
         pipe.vae.tile_size = None
 
@@ -72,7 +72,8 @@ def test_the_estimate_is_a_lower_bound_of_the_real_peak(tmp_path):
     code = f"""
 import torch
 torch.set_num_threads(1)
-from lcm.pipeline import Pipeline, _sampling_memory
+from lcm.pipeline import Pipeline
+from lcm.sampling.guards import sampling_memory as _sampling_memory
 def hwm():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) * 1024
 p = Pipeline.from_checkpoint({TEACHER!r})
@@ -140,16 +141,16 @@ def test_the_empty_prompt_is_a_prompt(pipe):
 
 def test_latents_with_nan_inf_or_the_wrong_shape_are_named():
     shape = (2, 4, 8, 8)
-    pl._check_latents(torch.randn(shape), shape)
+    pl.check_latents(torch.randn(shape), shape)
     for bad, match in [(torch.full(shape, float("nan")), "512 NaN/Inf"), (torch.randn(1, 4, 16, 16), "shape"),
                        (torch.zeros(shape, dtype=torch.long), "floating-point"), ([0.0], "floating-point")]:
         with pytest.raises(ValueError, match=match) as e:
-            pl._check_latents(bad, shape)
+            pl.check_latents(bad, shape)
         _one_line(e)
     inf = torch.randn(shape)
     inf[0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="1 NaN/Inf values of 512"):
-        pl._check_latents(inf, shape)
+        pl.check_latents(inf, shape)
 
 
 def test_pipeline_refuses_nan_latents(pipe):
@@ -182,7 +183,7 @@ def test_good_init_images_still_work(pipe):
     for image in (_img(3, 64, 64), _img(1, 3, 64, 64), Image.new("RGB", (64, 64), (200, 10, 10))):
         assert pipe("a", init_image=image, strength=0.5, **{**KW, "steps": 2}).shape == (1, 4, 16, 16)
     with pytest.raises(ValueError, match="NaN/Inf"):         # the converter refuses them too
-        pl._as_image_tensor(_img(3, 8, 8, fill=float("nan")))
+        pl.as_image_tensor(_img(3, 8, 8, fill=float("nan")))
 
 
 def _png_header_only(path, width: int, height: int) -> None:

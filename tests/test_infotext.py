@@ -1,4 +1,4 @@
-"""A1111 infotext (lcm/infotext.py) and sample.py's use of it on the bundled demo model: every PNG
+"""A1111 infotext (lcm/sampling/infotext.py) and sample.py's use of it on the bundled demo model: every PNG
 readable by sd-parsers with no absolute path in it, from_png regenerating pixel for pixel, the fair
 grid's teacher rows equal to plain runs without the LCM-LoRA, and vae.tiny."""
 import contextlib
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lcm import infotext
+from lcm.sampling import infotext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")

@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lcm import checkpointing as ck
+from lcm.runs import checkpoints as run_ckpts
+from lcm.runs import state as run_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -72,7 +73,7 @@ def _run_independent(config: dict) -> dict:
 
 def _writes(root: str) -> set[str]:
     """Temp folders of checkpoint writes in progress (or cut by a kill); named with the writer's PID."""
-    return {d for d in os.listdir(root) if d.startswith(ck.TMP_PREFIX)} if os.path.isdir(root) else set()
+    return {d for d in os.listdir(root) if d.startswith(run_ckpts.TMP_PREFIX)} if os.path.isdir(root) else set()
 
 
 def _kill_at(experiment: str, run_dir: str, resume: bool, n_ckpts: int, delay: float,
@@ -85,8 +86,8 @@ def _kill_at(experiment: str, run_dir: str, resume: bool, n_ckpts: int, delay: f
     p = subprocess.Popen(_args(experiment, run_dir, resume), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    ready = (lambda: len(ck.list_checkpoints(root)) >= n_ckpts - 1 and _writes(root) - stale) if in_write else \
-        (lambda: len(ck.list_checkpoints(root)) >= n_ckpts)
+    ready = (lambda: len(run_ckpts.list_checkpoints(root)) >= n_ckpts - 1 and _writes(root) - stale) if in_write else \
+        (lambda: len(run_ckpts.list_checkpoints(root)) >= n_ckpts)
     try:
         while not ready():
             assert p.poll() is None, f"run ended before it could be killed: {p.stderr.read()[-2000:]}"
@@ -99,7 +100,7 @@ def _kill_at(experiment: str, run_dir: str, resume: bool, n_ckpts: int, delay: f
         p.kill()
         p.stderr.close()
     assert p.returncode == -signal.SIGKILL, f"the run was not killed (exit code {p.returncode})"
-    steps = [s for s, _ in ck.list_checkpoints(root)]
+    steps = [s for s, _ in run_ckpts.list_checkpoints(root)]
     return (steps[-1] if steps else 0), bool(_writes(root) - stale)
 
 
@@ -117,11 +118,11 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(experiment, expo
         delay = rng.uniform(0, 0.003) if in_write else rng.uniform(0, 0.15)
         step, cut = _kill_at(experiment, run, resume=i > 0, n_ckpts=n, delay=delay, in_write=in_write)
         reached, mid_write = reached + [step], mid_write + cut
-        ckpts = ck.list_checkpoints(os.path.join(run, "checkpoints"))
+        ckpts = run_ckpts.list_checkpoints(os.path.join(run, "checkpoints"))
         assert [s for s, _ in ckpts] == list(range(1, len(ckpts) + 1)), "a checkpoint was lost"
         for s, path in ckpts:                                     # every complete checkpoint is readable
-            assert ck.load_state(os.path.join(path, ck.STATE_FILE))["step"] == s
-            _same(ck.step_dir(os.path.join(ref, "checkpoints"), s) + f"/{export}", os.path.join(path, export))
+            assert run_state.load_state(os.path.join(path, run_state.STATE_FILE))["step"] == s
+            _same(run_ckpts.step_dir(os.path.join(ref, "checkpoints"), s) + f"/{export}", os.path.join(path, export))
         assert not os.path.exists(os.path.join(run, export)), "killed before the end, yet exported"
     _run(experiment, run, resume=True)
     _same(os.path.join(ref, export), os.path.join(run, export))

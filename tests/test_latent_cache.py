@@ -1,4 +1,4 @@
-"""Latent pre-caching (task=encode, lcm/encode.py) and data=latents: the cache holds what the image
+"""Latent pre-caching (task=encode, lcm/data/encode.py) and data=latents: the cache holds what the image
 path computes, units split over ranks, and training N steps from the cache equals training from the
 images on the smoke model (same samples, same per-step losses, same LoRA)."""
 import json
@@ -10,12 +10,15 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
-from lcm import trainer
-from lcm.data import ImageFolder, LatentEncoder, LatentShards, SkipSample, TrainData, latent_data
-from lcm.encode import encode, write_manifest
+from lcm.data.build import latent_data
+from lcm.data.encode import encode, write_manifest
+from lcm.data.encoder import LatentEncoder
+from lcm.data.order import TrainData
+from lcm.data.sources import ImageFolder, LatentShards, SkipSample
 from lcm.objectives.base import LoRAConfig
 from lcm.objectives.lcd_lora import LCDLoRA
-from lcm.trainer import TrainConfig
+from lcm.training import loop
+from lcm.training.loop import TrainConfig
 from train import build_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +80,7 @@ def _train(dataset, run_dir: str, steps: int = 4):
     pipe = build_pipeline(SMOKE_MODEL)
     cfg = TrainConfig(max_steps=steps, batch_size=3, lr=1e-3, log_every=1, checkpoint_every=100, validate_every=steps,
                       val_steps=[1], val_teacher_steps=2, val_guidance=[1.0])
-    out = trainer.train(pipe, dataset, cfg, run_dir, LCDLoRA(lora=LoRAConfig(rank=4, alpha=4)))
+    out = loop.train(pipe, dataset, cfg, run_dir, LCDLoRA(lora=LoRAConfig(rank=4, alpha=4)))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return out, rows, load_file(out["export"])
@@ -131,7 +134,7 @@ def test_cli_encode_then_train_on_latents(world, tmp_path):
         cli.encode_task(cfg_of(["task=encode", f"encode.out={tmp_path}/x", "data.crop=random",
                                 f"hydra.run.dir={tmp_path}/enc2"]))
     other = dict(SMOKE_MODEL, seed=1)                                  # another model: its cache is refused
-    from lcm.encode import check_latents
+    from lcm.data.encode import check_latents
     with pytest.raises(ValueError, match="fingerprint"):
         check_latents(LatentShards(out), build_pipeline(other))
 
@@ -140,7 +143,7 @@ def test_cli_encode_then_train_on_latents(world, tmp_path):
 def test_sdxl_batches_from_the_cache_condition_like_the_images(world, tmp_path):
     """An SDXL-style text stack (pooled output): the cached pooled vector, original size, crop and
     target size give the same z, y and zero uncond as encoding the images (same posterior noise)."""
-    from lcm.data import collate
+    from lcm.data.order import collate
     from models.text import TextConditioner
     tower = dict(width=32, layers=1, heads=2, act="gelu", pad_token_id=0, layer="penultimate", final_norm=False)
     pipe = build_pipeline(SMOKE_MODEL)

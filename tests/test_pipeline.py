@@ -135,7 +135,7 @@ def test_from_architecture_round_trips_through_a_saved_file(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from lcm.checkpointing import save_model_file
+    from models.checkpoint import save_model_file
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model = OmegaConf.to_container(OmegaConf.load(os.path.join(root, "conf/experiment/smoke.yaml")).model)
     arch = {k: model[k] for k in ("family", "text_family", "unet", "vae", "text", "default_size") if k in model}

@@ -13,7 +13,9 @@ import time
 import pytest
 import torch
 
-from lcm import checkpointing as ck
+from lcm.runs import checkpoints as run_ckpts
+from lcm.runs import lock as run_lock
+from lcm.runs import state as run_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
@@ -34,16 +36,16 @@ def _dead_pid() -> int:
 
 def test_lock_holds_our_pid_and_is_released(tmp_path):
     run = str(tmp_path / "run")
-    with ck.lock_run_dir(run) as path:
+    with run_lock.lock_run_dir(run) as path:
         owner = json.load(open(path))
         assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
-        with pytest.raises(ck.RunDirLocked) as e:        # a second owner, even in this process
-            with ck.lock_run_dir(run):
+        with pytest.raises(run_lock.RunDirLocked) as e:        # a second owner, even in this process
+            with run_lock.lock_run_dir(run):
                 pass
         assert "\n" not in str(e.value) and run in str(e.value) and f"PID {os.getpid()}" in str(e.value)
         assert os.path.exists(path)                      # the refused attempt left our lock alone
     assert not os.path.exists(path)
-    with ck.lock_run_dir(run):                           # free again
+    with run_lock.lock_run_dir(run):                           # free again
         pass
 
 
@@ -51,36 +53,36 @@ def test_second_live_process_is_refused_naming_the_dir_and_pid(tmp_path):
     run = str(tmp_path / "run")
     holder = _python(f"""
         import sys, time
-        from lcm.checkpointing import lock_run_dir
+        from lcm.runs.lock import lock_run_dir
         with lock_run_dir({run!r}):
             print("locked", flush=True)
             sys.stdin.readline()
         """, stdin=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == "locked", holder.stderr.read()
-        with pytest.raises(ck.RunDirLocked) as e:
-            with ck.lock_run_dir(run):
+        with pytest.raises(run_lock.RunDirLocked) as e:
+            with run_lock.lock_run_dir(run):
                 pass
         msg = str(e.value)
         assert isinstance(e.value, FileExistsError) and "\n" not in msg
         assert run in msg and f"PID {holder.pid}" in msg and "in use" in msg
     finally:
         holder.communicate("\n", timeout=60)
-    assert holder.returncode == 0 and not os.path.exists(os.path.join(run, ck.LOCK_FILE))
+    assert holder.returncode == 0 and not os.path.exists(os.path.join(run, run_lock.LOCK_FILE))
 
 
 @pytest.mark.parametrize("record", ["dead", "reused_pid", "unreadable"])
 def test_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog, record):
     run = tmp_path / "run"
     run.mkdir()
-    lock = run / ck.LOCK_FILE
+    lock = run / run_lock.LOCK_FILE
     if record == "dead":                                 # kill -9 of the owner: its lock stays behind
         lock.write_text(json.dumps({"pid": _dead_pid(), "start": None, "host": socket.gethostname()}))
     elif record == "reused_pid":                         # the PID lives, but it is another process now
         lock.write_text(json.dumps({"pid": os.getppid(), "start": 1, "host": socket.gethostname()}))
     else:                                                # killed between creating and writing the lock
         lock.write_text("")
-    with caplog.at_level(logging.WARNING), ck.lock_run_dir(str(run)):
+    with caplog.at_level(logging.WARNING), run_lock.lock_run_dir(str(run)):
         assert json.load(open(lock))["pid"] == os.getpid()
     assert "stale lock" in caplog.text and str(run) in caplog.text
     assert not lock.exists() and not list(run.iterdir())  # no tombstone left either
@@ -89,9 +91,9 @@ def test_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog, record):
 def test_lock_of_another_host_is_refused_with_how_to_clear_it(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / ck.LOCK_FILE).write_text(json.dumps({"pid": 4242, "start": None, "host": "elsewhere"}))
-    with pytest.raises(ck.RunDirLocked, match=r"PID 4242 on host elsewhere.*delete the lock file"):
-        with ck.lock_run_dir(str(run)):
+    (run / run_lock.LOCK_FILE).write_text(json.dumps({"pid": 4242, "start": None, "host": "elsewhere"}))
+    with pytest.raises(run_lock.RunDirLocked, match=r"PID 4242 on host elsewhere.*delete the lock file"):
+        with run_lock.lock_run_dir(str(run)):
             pass
 
 
@@ -100,7 +102,7 @@ def test_processes_racing_for_one_run_dir_get_exactly_one_owner(tmp_path):
     go = time.time() + 3.0                               # all start the attempt at the same moment
     procs = [_python(f"""
         import time
-        from lcm.checkpointing import RunDirLocked, lock_run_dir
+        from lcm.runs.lock import RunDirLocked, lock_run_dir
         time.sleep(max(0.0, {go} - time.time()))
         try:
             with lock_run_dir({run!r}):
@@ -118,28 +120,28 @@ def test_processes_racing_for_one_run_dir_get_exactly_one_owner(tmp_path):
 def _fake_run(tmp_path, step: int, export: str = "lcm.safetensors") -> tuple[str, str]:
     from safetensors.torch import save_file
     run = str(tmp_path / "run")
-    ck.write_checkpoint(os.path.join(run, "checkpoints"), step, {
-        ck.STATE_FILE: lambda p: ck.save_state(p, {"step": step}),
+    run_ckpts.write_checkpoint(os.path.join(run, "checkpoints"), step, {
+        run_state.STATE_FILE: lambda p: run_state.save_state(p, {"step": step}),
         export: lambda p: save_file({"w": torch.arange(4.0) + step}, p, metadata={"step": str(step)})})
-    return run, ck.latest_checkpoint(os.path.join(run, "checkpoints"))
+    return run, run_ckpts.latest_checkpoint(os.path.join(run, "checkpoints"))
 
 
 def test_finished_run_is_complete_and_a_missing_export_is_restored(tmp_path, caplog):
     run, last = _fake_run(tmp_path, 12)
-    assert ck.finish_completed_run(run, last, max_steps=13) is None         # more to train: the loop runs
-    assert ck.finish_completed_run(run, None, max_steps=12) is None         # a fresh run
+    assert run_ckpts.finish_completed_run(run, last, max_steps=13) is None         # more to train: the loop runs
+    assert run_ckpts.finish_completed_run(run, None, max_steps=12) is None         # a fresh run
     with caplog.at_level(logging.WARNING):
-        out = ck.finish_completed_run(run, last, max_steps=12)
+        out = run_ckpts.finish_completed_run(run, last, max_steps=12)
     export = os.path.join(run, "lcm.safetensors")
     assert out["status"] == "done" and out["step"] == 12 and out["export"] == export and out["already_complete"]
     assert open(export, "rb").read() == open(os.path.join(last, "lcm.safetensors"), "rb").read()
-    assert "restored" in caplog.text and not [f for f in os.listdir(run) if f.startswith(ck.TMP_PREFIX)]
+    assert "restored" in caplog.text and not [f for f in os.listdir(run) if f.startswith(run_ckpts.TMP_PREFIX)]
     os.utime(export, (1, 1))
-    assert ck.finish_completed_run(run, last, max_steps=12)["export"] == export   # present: left alone
+    assert run_ckpts.finish_completed_run(run, last, max_steps=12)["export"] == export   # present: left alone
     assert os.stat(export).st_mtime == 1
-    assert ck.finish_completed_run(run, last, max_steps=8)["step"] == 12          # past max_steps: complete
+    assert run_ckpts.finish_completed_run(run, last, max_steps=8)["step"] == 12          # past max_steps: complete
     os.remove(export)
-    assert ck.finish_completed_run(run, last, max_steps=12, write=False)["export"] == export  # rank > 0
+    assert run_ckpts.finish_completed_run(run, last, max_steps=12, write=False)["export"] == export  # rank > 0
     assert not os.path.exists(export)
 
 
@@ -147,7 +149,7 @@ def test_finished_run_without_an_export_in_its_checkpoint_says_so(tmp_path):
     run, last = _fake_run(tmp_path, 4)
     os.remove(os.path.join(last, "lcm.safetensors"))
     with pytest.raises(FileNotFoundError, match="expected one export"):
-        ck.finish_completed_run(run, last, max_steps=4)
+        run_ckpts.finish_completed_run(run, last, max_steps=4)
 
 #----------------------------------------------------------------------------
 # Exclusive output files: sample.py's free_path/save_png under real concurrency.
@@ -235,7 +237,7 @@ def test_train_py_resume_of_a_finished_run_is_complete_and_re_exports(tmp_path):
     os.remove(export)
     again = _train(run, "resume=true")                         # (safetensors orders header keys at random,
     assert again.returncode == 0 and _content(export) == first, again.stderr[-2000:]   # so compare content)
-    assert [s for s, _ in ck.list_checkpoints(os.path.join(run, "checkpoints"))] == [2, 4]
+    assert [s for s, _ in run_ckpts.list_checkpoints(os.path.join(run, "checkpoints"))] == [2, 4]
 
 
 @pytest.mark.slow
@@ -246,7 +248,7 @@ def test_train_py_second_run_on_a_busy_run_dir_is_refused(tmp_path):
                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while not os.path.exists(os.path.join(run, ck.LOCK_FILE)):
+        while not os.path.exists(os.path.join(run, run_lock.LOCK_FILE)):
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.1)
         second = _train(run, "resume=true")

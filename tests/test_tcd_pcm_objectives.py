@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lcm.distill import teacher_estimate
-from lcm.distill_phased import pcm_loss, pcm_phase_edge, tcd_loss, unguided_teacher_estimate
+from lcm.objectives.distill import teacher_estimate
+from lcm.objectives.distill_phased import pcm_loss, pcm_phase_edge, tcd_loss, unguided_teacher_estimate
 from lcm.objectives.pcm import PCM
 from lcm.objectives.tcd import TCD
 from models.lora import adapters_disabled, inject_lora
@@ -188,8 +188,8 @@ def test_tcd_target_is_z_hat_where_s_is_t_n():
 
 def test_tcd_draws_lcd_points_and_s_on_the_grid():
     z, _, _ = inputs(64)
-    from lcm.distill import draw_points
-    from lcm.distill_phased import draw_tcd_s
+    from lcm.objectives.distill import draw_points
+    from lcm.objectives.distill_phased import draw_tcd_s
     g = torch.Generator().manual_seed(3)
     t_nk, t_n, _, _ = draw_points(z, S, K, g)
     s = draw_tcd_s(t_nk, K, g)

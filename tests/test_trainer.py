@@ -10,16 +10,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-import lcm.checkpointing as ck
-from lcm.data import ImageFolder, StepSampler, TarShards, TrainData
-from lcm.data import LatentEncoder
-from lcm import trainer
+from lcm.data.encoder import LatentEncoder
+from lcm.data.order import StepSampler, TrainData
+from lcm.data.sources import ImageFolder, TarShards
 from lcm.objectives.base import LoRAConfig
 from lcm.objectives.diffusion import Diffusion
 from lcm.objectives.lcd import LCD
 from lcm.objectives.lcd_lora import LCDLoRA
 from lcm.objectives.lcf import LCF
-from lcm.trainer import TrainConfig, make_optimizer, validate
+from lcm.runs import checkpoints as run_ckpts
+from lcm.runs import state as run_state
+from lcm.training import loop
+from lcm.training.loop import TrainConfig, make_optimizer
+from lcm.training.validation import validate
 from train import build_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,9 +68,9 @@ def build_roles(pipe, mode: str, lora, **knobs):
 
 
 def train(pipe, dataset, setup, run_dir, lora, **kw):
-    """lcm.trainer.train with the objective that small()'s mode and knobs describe."""
+    """lcm.training.loop.train with the objective that small()'s mode and knobs describe."""
     cfg, mode, knobs = setup
-    return trainer.train(pipe, dataset, cfg, run_dir, objective(mode, lora, **knobs), **kw)
+    return loop.train(pipe, dataset, cfg, run_dir, objective(mode, lora, **knobs), **kw)
 
 
 def data():
@@ -136,7 +139,7 @@ def test_mode_and_precision_errors():
 @torch.no_grad()
 def held_out_loss(pipe, cfg) -> float:
     """The LCD loss of `pipe` (LoRA or not) on the 8 images x 4 fixed draws."""
-    from lcm.distill import lcd_loss, net_fn, teacher_ddim_estimate
+    from lcm.objectives.distill import lcd_loss, net_fn, teacher_ddim_estimate
     from models.lora import adapters_disabled
     from models.text import Conditioning as UNetCond
     knobs = cfg[2]
@@ -184,7 +187,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert not partial.exists()
     pa, pb = lora_params(a), lora_params(b)
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
-    assert [s for s, _ in ck.list_checkpoints(str(tmp_path / "b" / "checkpoints"))] == [2, 4]
+    assert [s for s, _ in run_ckpts.list_checkpoints(str(tmp_path / "b" / "checkpoints"))] == [2, 4]
     steps = [m["step"] for m in metrics(out["run_dir"])]
     assert steps == sorted(steps) == [1, 2, 3, 4]                  # the logged step never goes back
 
@@ -253,7 +256,7 @@ def test_bf16_autocast_keeps_trainables_fp32_across_resume(tmp_path):
     lora = [p for n, p in pipe.unet.named_parameters() if ".lora_" in n]
     base = [p for n, p in pipe.unet.named_parameters() if ".lora_" not in n]
     assert all(p.dtype == torch.float32 for p in lora) and all(p.dtype == torch.bfloat16 for p in base)
-    st = ck.load_state(os.path.join(run, "checkpoints", "step_0000003", ck.STATE_FILE))
+    st = run_state.load_state(os.path.join(run, "checkpoints", "step_0000003", run_state.STATE_FILE))
     assert all(v.dtype == torch.float32 for s in st["optimizer"]["state"].values() for k, v in s.items()
                if k != "step")
 
@@ -298,7 +301,7 @@ def test_lcd_mode_trains_student_and_ema(tmp_path):
         keys, meta = set(f.keys()), f.metadata()
     assert "model.diffusion_model.time_cond_proj.weight" in keys
     assert json.loads(meta["lcm.config"])["unet"]["time_cond_proj_dim"] == 256
-    st = ck.load_state(os.path.join(out["run_dir"], "checkpoints", "step_0000002", ck.STATE_FILE))
+    st = run_state.load_state(os.path.join(out["run_dir"], "checkpoints", "step_0000002", run_state.STATE_FILE))
     assert st["ema"] is not None and not torch.equal(st["ema"]["out.2.weight"], st["trainables"]["out.2.weight"])
 
 
@@ -326,24 +329,24 @@ def test_nan_loss_stops_with_the_step_or_is_skipped(tmp_path):
 def test_keep_last_k_checkpoints(tmp_path):
     out = train(tiny_pipe(), data(), small(max_steps=5, checkpoint_every=1, keep_checkpoints=2), str(tmp_path / "r"),
                 LORA)
-    assert [s for s, _ in ck.list_checkpoints(os.path.join(out["run_dir"], "checkpoints"))] == [4, 5]
+    assert [s for s, _ in run_ckpts.list_checkpoints(os.path.join(out["run_dir"], "checkpoints"))] == [4, 5]
     assert sorted(os.listdir(os.path.join(out["run_dir"], "checkpoints"))) == ["step_0000004", "step_0000005"]
 
 
 def test_disk_full_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real, calls = ck.save_state, []
+    real, calls = run_state.save_state, []
 
     def flaky(path, *a, **kw):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
         return real(path, *a, **kw)
-    monkeypatch.setattr(ck, "save_state", flaky)
+    monkeypatch.setattr(run_state, "save_state", flaky)
     out = train(tiny_pipe(), data(), small(max_steps=6), str(tmp_path / "r"), LORA)
     root = os.path.join(out["run_dir"], "checkpoints")
-    assert [s for s, _ in ck.list_checkpoints(root)] == [2, 6]
-    assert not [d for d in os.listdir(root) if d.startswith(ck.TMP_PREFIX)]
-    ck.load_state(os.path.join(root, "step_0000002", ck.STATE_FILE))
+    assert [s for s, _ in run_ckpts.list_checkpoints(root)] == [2, 6]
+    assert not [d for d in os.listdir(root) if d.startswith(run_ckpts.TMP_PREFIX)]
+    run_state.load_state(os.path.join(root, "step_0000002", run_state.STATE_FILE))
 
 
 def test_validation_leaves_params_unchanged(tmp_path):
@@ -552,11 +555,11 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-2000:]
-    (step, path), = ck.list_checkpoints(os.path.join(run, "checkpoints"))
-    assert 3 <= step < 400 and ck.load_state(os.path.join(path, ck.STATE_FILE))["step"] == step
+    (step, path), = run_ckpts.list_checkpoints(os.path.join(run, "checkpoints"))
+    assert 3 <= step < 400 and run_state.load_state(os.path.join(path, run_state.STATE_FILE))["step"] == step
     r = _cli([*args[:1], f"train.max_steps={step + 2}", *args[2:], "resume=true"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [s for s, _ in ck.list_checkpoints(os.path.join(run, "checkpoints"))][-1] == step + 2
+    assert [s for s, _ in run_ckpts.list_checkpoints(os.path.join(run, "checkpoints"))][-1] == step + 2
 
 
 @pytest.mark.slow

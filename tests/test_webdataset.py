@@ -1,4 +1,4 @@
-"""data=tars through webdataset (lcm/data.py): brace lists, pipe: commands, node and worker splits,
+"""data=tars through webdataset (lcm/data/): brace lists, pipe: commands, node and worker splits,
 resampling, LAION columns and filters, corrupt samples skipped and counted, and the resume
 position of the streamed path (batch j after a resume is batch j of an uninterrupted run)."""
 import io
@@ -11,10 +11,11 @@ import torch
 import webdataset as wds
 from omegaconf import OmegaConf
 
-from lcm import trainer
-from lcm.data import (ImageColumns, SkipSample, TarShards, expand_urls, first_captions, hash_seed, make_loader,
-                      tar_data)
-from lcm.webshards import WebShards
+from lcm.data.build import first_captions, make_loader, tar_data
+from lcm.data.order import hash_seed
+from lcm.data.sources import ImageColumns, SkipSample, TarShards, expand_urls
+from lcm.data.webshards import WebShards
+from lcm.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,9 +246,9 @@ def test_training_resumed_on_a_stream_equals_an_uninterrupted_run(tmp_path):
     ws = tar_data(f"pipe:cat {tmp_path}/shard-{{000..002}}.tar", resolution=32, shuffle_buffer=4)
 
     def run(name, steps, resume=None):
-        cfg = trainer.TrainConfig(max_steps=steps, batch_size=2, lr=1e-3, log_every=1, checkpoint_every=2,
+        cfg = loop.TrainConfig(max_steps=steps, batch_size=2, lr=1e-3, log_every=1, checkpoint_every=2,
                                   validate_every=steps, val_steps=[1], val_teacher_steps=2, val_guidance=[1.0])
-        out = trainer.train(build_pipeline(model), ws, cfg, str(tmp_path / name),
+        out = loop.train(build_pipeline(model), ws, cfg, str(tmp_path / name),
                             LCDLoRA(lora=LoRAConfig(rank=4, alpha=4)), resume=resume)
         return load_file(out["export"])
     a = run("full", 4)

@@ -119,7 +119,7 @@ def _load_batch(path: str, needed: list[str]):
 
 
 def _save_images(images: torch.Tensor, folder: str, start: int, infotexts: list[str]) -> None:
-    """Images as <folder>/<index>.png, each with its A1111 infotext (lcm/infotext.py) in "parameters"."""
+    """Images as <folder>/<index>.png, each with its A1111 infotext (lcm/sampling/infotext.py) in "parameters"."""
     from PIL import Image, PngImagePlugin
     os.makedirs(folder, exist_ok=True)
     arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -133,7 +133,7 @@ def _save_images(images: torch.Tensor, folder: str, start: int, infotexts: list[
 def image_infotext(method: Method, steps: int, prompt: str, seed: int, size: tuple[int, int], png_info: dict) -> str:
     """One evaluation image's A1111 infotext: its sampler settings, seed and size, plus png_info
     (what every image shares: Model, Model hash, loras as (name, scale, hash))."""
-    from lcm.infotext import SAMPLER_NAMES, format_infotext
+    from lcm.sampling.infotext import SAMPLER_NAMES, format_infotext
     scales = dict(png_info.get("lora_scales") or {}) | {k: float(v) for k, v in method.lora_scales.items()}
     loras = [(n, scales.get(a, 1.0), h) for a, n, h in png_info.get("loras", [])
              if scales.get(a, 1.0) != 0.0 and not (method.teacher and a in png_info.get("lcm_like", ()))]

@@ -1,4 +1,4 @@
-"""What an objective is to the training loop (lcm/trainer.py), and the pieces objectives share.
+"""What an objective is to the training loop (lcm/training/loop.py), and the pieces objectives share.
 
 An objective sets up its networks on a Pipeline (docs/users.md Sec. 6): the student (what the
 optimizer trains), the target (what the loss compares against and what is sampled and exported:
@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lcm import checkpointing as ck
 from lcm.consistency import ConsistencySpec
-from lcm.distill import EstimateFn, lcd_loss, net_fn
-from lcm.ema import AdapterEMA, ema_update
-from solvers.schedule import Schedule
+from lcm.objectives.distill import EstimateFn, lcd_loss, net_fn
+from lcm.objectives.ema import AdapterEMA, ema_update
 from models import lora as lora_lib
 from models import lora_io
+from models.checkpoint import save_model_file
+from solvers.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Objective:
             lora_io.save_lora(self.student, path, name, "kohya", overwrite=True, metadata=metadata)
         else:
             p = self.pipe
-            ck.save_model_file(path, self.target, p.vae, p.text, p.file_config(self.target), metadata)
+            save_model_file(path, self.target, p.vae, p.text, p.file_config(self.target), metadata)
 
     def finish(self) -> None:
         """End of a finished run: the pipeline keeps what was exported (the EMA adapter's weights)."""
@@ -130,7 +130,7 @@ class Objective:
 
     def _setup_lora(self, pipe, ema: bool) -> None:
         """student = target = teacher = pipe.unet with a fp32 LoRA; teacher = adapters off; with
-        ema, the target is base + an EMA copy of the LoRA (lcm.ema.AdapterEMA)."""
+        ema, the target is base + an EMA copy of the LoRA (lcm.objectives.ema.AdapterEMA)."""
         unet, lora = pipe.unet, self.lora
         if lora.init_from:
             lora_io.load_lora(unet, lora.init_from, name=lora.name, dtype=torch.float32)

@@ -8,9 +8,9 @@ import contextlib
 
 import torch
 
-from lcm.data import hash_seed
-from lcm.distill import diffusion_loss, net_fn
+from lcm.data.order import hash_seed
 from lcm.objectives.base import Objective
+from lcm.objectives.distill import diffusion_loss, net_fn
 from models import lora as lora_lib
 
 

@@ -5,8 +5,8 @@ z_{t_{n+k}}. On a LoRA (e.g. continuing an LCM-LoRA on new data: objective.lora.
 """
 from __future__ import annotations
 
-from lcm.distill import same_noise_estimate
 from lcm.objectives.base import ConsistencyObjective
+from lcm.objectives.distill import same_noise_estimate
 
 
 class LCF(ConsistencyObjective):

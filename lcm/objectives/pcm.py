@@ -1,5 +1,5 @@
 """PCM-LoRA: phased consistency distillation into a LoRA (Wang et al. 2024, arXiv 2405.18407;
-docs/method.md Sec. 12; the loss: lcm.distill_phased.pcm_loss).
+docs/method.md Sec. 12; the loss: lcm.objectives.distill_phased.pcm_loss).
 
 M phases (`phases`) split the grid at solvers.schedule.pcm_phase_starts; the student learns the DDIM
 jump from t_{n+k} to the lower edge of its phase (PCM Eq. 3), the target is the target net's jump from
@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 
 from lcm.consistency import ConsistencySpec
-from lcm.distill import net_fn
-from lcm.distill_phased import pcm_loss, unguided_teacher_estimate
+from lcm.objectives.distill import net_fn
+from lcm.objectives.distill_phased import pcm_loss, unguided_teacher_estimate
 from lcm.objectives.tcd import DDIMFormObjective
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """TCD-LoRA: trajectory consistency distillation into a LoRA (Zheng et al. 2024, arXiv 2402.19159;
-docs/method.md Sec. 11; the loss: lcm.distill_phased.tcd_loss).
+docs/method.md Sec. 11; the loss: lcm.objectives.distill_phased.tcd_loss).
 
 The networks are LCM-LoRA's (lcd_lora.py): teacher = the UNet with its adapters off, student = the
 same UNet with the trainable LoRA, target = the student under no_grad (ema_decay null, the default:
@@ -11,9 +11,9 @@ carries ConsistencySpec(objective="tcd") and is sampled with solver=tcd (gamma =
 from __future__ import annotations
 
 from lcm.consistency import ConsistencySpec
-from lcm.distill import check_teacher_solver, net_fn, teacher_estimate
-from lcm.distill_phased import tcd_loss
 from lcm.objectives.base import ConsistencyObjective
+from lcm.objectives.distill import check_teacher_solver, net_fn, teacher_estimate
+from lcm.objectives.distill_phased import tcd_loss
 
 
 class DDIMFormObjective(ConsistencyObjective):

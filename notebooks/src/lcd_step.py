@@ -20,18 +20,18 @@ CELLS = [
 
     For an LCM-LoRA the three networks are one UNet (docs/method.md Sec. 3.2): the **student** is the
     LoRA UNet, the **target** $\theta^-$ is the same UNet under `no_grad` ($\mu = 0$), the
-    **teacher** is the UNet with adapters disabled. The loss itself is `lcm/distill.py`; this
+    **teacher** is the UNet with adapters disabled. The loss itself is `lcm/objectives/distill.py`; this
     notebook calls its pieces one at a time and checks the result against `lcd_loss`.
     """),
     code(SETUP),
     code("""
     from demo import world
     from lcm.consistency import boundary_scalings, f_theta
-    from lcm.distill import distance, draw_points, lcd_loss, net_fn, teacher_ddim_estimate
     from lcm.objectives.base import LoRAConfig
+    from lcm.objectives.distill import distance, draw_points, lcd_loss, net_fn, teacher_ddim_estimate
     from lcm.objectives.lcd_lora import LCDLoRA
-    from models.text import Conditioning
     from lcm.pipeline import Pipeline
+    from models.text import Conditioning
     from solvers.ddim import ddim_from_x0_eps, ddim_step
     from solvers.schedule import lcm_grid
     from solvers.wrappers import cfg, to_eps, to_x0

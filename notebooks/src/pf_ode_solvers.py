@@ -199,7 +199,7 @@ CELLS = [
 
     LCD's target needs $\hat z_{t_n} = \Psi(z_{t_{n+k}}, t_{n+k}, t_n)$, **one** step of the guided teacher
     $(1 + w)\,\hat\epsilon(z, c) - w\,\hat\epsilon(z, \varnothing)$ across the skipping step $k$ on the grid
-    $t_j = jk - 1$; below is the trainer's own $\Psi$ (`lcm.distill.teacher_estimate`,
+    $t_j = jk - 1$; below is the trainer's own $\Psi$ (`lcm.objectives.distill.teacher_estimate`,
     `train.teacher_solver`) on the Gaussian teacher, where $c = \varnothing$ makes the guided $\hat\epsilon$ exact
     and the exact step is the flow, from $z_{t_{n+k}} \sim p_{t_{n+k}}$ at every grid point.
     DDIM's local error grows like $h^2$ and the second-order DPM-Solver-2 and DPM-Solver++(2S) like
@@ -212,7 +212,7 @@ CELLS = [
     lines are the median over the grid.
     """),
     code("""
-    from lcm.distill import TEACHER_SOLVERS, teacher_estimate
+    from lcm.objectives.distill import TEACHER_SOLVERS, teacher_estimate
     from models.text import Conditioning
 
 

@@ -27,8 +27,10 @@ import time
 
 import torch
 
-from lcm.data import LATENT_FORMAT, LatentColumns, LatentEncoder, LatentShards, SkipSample, _caption, train_item
-from lcm.webshards import WebShards, shard_samples
+from lcm.data.encoder import LatentEncoder
+from lcm.data.order import train_item
+from lcm.data.sources import LATENT_FORMAT, LatentColumns, LatentShards, SkipSample, _caption
+from lcm.data.webshards import WebShards, shard_samples
 
 log = logging.getLogger(__name__)
 DTYPES = (None, "float32", "float16", "bfloat16")

@@ -23,12 +23,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lcm import checkpointing as ck
-from lcm.data import LatentEncoder, first_captions, hash_seed, image_size, make_loader
+from lcm.data.build import first_captions, image_size, make_loader
+from lcm.data.encoder import LatentEncoder
+from lcm.data.order import hash_seed
 from lcm.objectives.base import Objective
+from lcm.runs import checkpoints, lock, logger as runlog, state as runstate
+from lcm.training.distributed import Dist
+from lcm.training.validation import grid_infotext, save_grid, validate, validation_metrics
+from models.checkpoint import save_model_file
 from models.storage import store_frozen
 
 log = logging.getLogger(__name__)
+
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,107 +68,16 @@ class TrainConfig:
     val_teacher_steps: int = 25
     val_teacher_guidance: float = 7.5
     val_metrics: list = field(default_factory=list)   # metric names (lcm/evaluation); []: off
-    val_metric_options: dict = field(default_factory=dict)   # their options (lcm/evaluation/validation.py)
+    val_metric_options: dict = field(default_factory=dict)   # their options (lcm/training/validation.py)
     on_nan: str = "stop"                # stop | skip
     find_unused_parameters: bool = False
-    distributed: str = "ddp"            # ddp | fsdp: shard full models over the torchrun ranks (lcm/fsdp.py)
+    distributed: str = "ddp"            # ddp | fsdp: shard full models over the torchrun ranks (lcm/training/fsdp.py)
 
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    def all_min(self, x: float) -> float:
-        if self.world == 1:
-            return x
-        t = torch.tensor([float(x)], device=self.device)
-        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MIN)
-        return t.item()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def init_distributed(device: str = "cpu") -> Dist:
-    """Join the torchrun process group if there is one (gloo on CPU, nccl on CUDA)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    dev = torch.device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, dev)
 
 def step_generators(seed: int, step: int, first: int, n: int) -> list[torch.Generator]:
     """One CPU generator per sample, seeded by (seed, step, global sample index)."""
     return [torch.Generator().manual_seed(hash_seed(seed, step, first + i)) for i in range(n)]
 
-#----------------------------------------------------------------------------
-# Validation: prompts x seeds x {1,2,4,8} LCM steps (x guidance), plus the teacher's DDIM images.
-
-@contextlib.contextmanager
-def sampling(pipe, unet: nn.Module, **components):
-    """A view of the pipeline sampling with `unet` in eval mode (its mode restored on exit)."""
-    mode = unet.training
-    try:
-        yield pipe.replace(unet=unet.eval(), **components)
-    finally:
-        unet.train(mode)
-
-
-@torch.no_grad()
-def validate(pipe, objective: Objective, cfg: TrainConfig, prompts: list, size: int, teacher_rows: list):
-    """Rows of images (N, 3, size, size) in [0,1] with labels; teacher rows are computed once."""
-    def grid(p, **kw):
-        return torch.cat([p(prompts, seed=int(s) * 1000, height=size, width=size, output="tensor",
-                            progress=False, **kw) for s in cfg.val_seeds])
-    ddim = dict(solver="ddim", steps=cfg.val_teacher_steps, guidance_scale=cfg.val_teacher_guidance)
-    rows, spec = [], objective.spec or pipe.spec
-    with sampling(pipe, objective.target, spec=spec) as p, objective.target_ctx():   # EMA, else the student
-        if objective.sampler == "ddim":
-            rows.append((f"ddim {cfg.val_teacher_steps} s={cfg.val_teacher_guidance}", grid(p, **ddim)))
-        else:
-            guidance = cfg.val_guidance or ([1.0, 1.5] if objective.lora_name else [8.5])
-            rows += [(f"{objective.sampler} {n} s={s}",
-                      grid(p, solver=objective.sampler, steps=int(n), guidance_scale=float(s)))
-                     for s in guidance for n in cfg.val_steps]
-    if not teacher_rows and objective.teacher is not None:
-        with sampling(pipe, objective.teacher) as p, objective.teacher_ctx():
-            teacher_rows.append((f"teacher ddim {cfg.val_teacher_steps} s={cfg.val_teacher_guidance}",
-                                 grid(p, **ddim)))
-    return rows + teacher_rows
-
-
-def grid_infotext(rows: list, prompts: list, cfg: TrainConfig, size: int, step: int, model: str | None) -> str:
-    """A1111 infotext of a validation grid (lcm/infotext.py): its first row's settings, every row's label,
-    the prompts and seeds of its columns, the training step; the model by file name only."""
-    from lcm.infotext import SAMPLER_NAMES, format_infotext, stem
-    solver, steps, s = rows[0][0].removeprefix("teacher ").split()
-    return format_infotext({"prompt": prompts[0], "Steps": int(steps), "Sampler": SAMPLER_NAMES.get(solver, solver),
-                            "CFG scale": float(s.removeprefix("s=")), "Seed": int(cfg.val_seeds[0]) * 1000,
-                            "Size": f"{size}x{size}", "Model": stem(model) if model else None,
-                            "Grid rows": " | ".join(lbl for lbl, _ in rows),
-                            "Grid columns": " | ".join(f"seed {int(v) * 1000} {p}" for v in cfg.val_seeds for p in prompts),
-                            "Training step": step})
-
-
-def save_grid(rows: list, path: str, infotext: str | None = None) -> None:
-    """Rows of images as one PNG (with an A1111 "parameters" chunk when given)."""
-    from PIL import Image, PngImagePlugin
-    img = torch.cat([torch.cat(list(r), dim=2) for _, r in rows], dim=1)   # (3, rows*H, cols*W)
-    arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    if infotext:
-        info.add_text("parameters", infotext)
-    Image.fromarray(arr).save(path, pnginfo=info)
-
-#----------------------------------------------------------------------------
-# Optimizer.
 
 def make_optimizer(params: list, cfg: TrainConfig):
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -178,13 +93,11 @@ def make_optimizer(params: list, cfg: TrainConfig):
         return bnb.optim.AdamW8bit(params, **kw)
     raise ValueError(f"train.optimizer must be adamw or adamw8bit, got {cfg.optimizer!r}")
 
-#----------------------------------------------------------------------------
-# Setting up: the objective's networks on the device, precision, DDP.
 
 def place(pipe, objective: Objective, cfg: TrainConfig, dist: Dist) -> nn.Module:
     """Build the objective's networks and put them on the device; returns what the loss calls
     (the student, DDP-wrapped with several processes; with train.distributed=fsdp the student,
-    EMA target and teacher are sharded in place instead, lcm/fsdp.py)."""
+    EMA target and teacher are sharded in place instead, lcm/training/fsdp.py)."""
     torch.manual_seed(cfg.seed)                            # LoRA A / w-projection init: equal on all ranks
     objective.setup(pipe)
     pipe.to(dist.device)
@@ -201,7 +114,7 @@ def place(pipe, objective: Objective, cfg: TrainConfig, dist: Dist) -> nn.Module
         raise ValueError("train.train_text_encoder=true is single-process only (its gradients are not "
                          "synchronised); run without torchrun or freeze the text encoder")
     if cfg.distributed == "fsdp":
-        from lcm import fsdp
+        from lcm.training import fsdp
         return fsdp.shard_objective(objective, dist.device, PRECISIONS[cfg.mixed_precision], cfg.frozen_storage)
     return nn.parallel.DistributedDataParallel(
         objective.student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
@@ -244,11 +157,9 @@ def check_config(cfg: TrainConfig, objective: Objective, pipe) -> None:
                          "(fp16 loss scaling over sharded gradients is not supported)")
     objective.check_lr(cfg.lr)
 
-#----------------------------------------------------------------------------
-# The loop.
 
 def train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective,
-          logger: ck.LoggerConfig | None = None, resume=None, config: dict | None = None,
+          logger: runlog.LoggerConfig | None = None, resume=None, config: dict | None = None,
           dist: Dist | None = None, save_base: bool = False) -> dict:
     """Train `objective` on `pipe` and `dataset` (items: image (3,H,W) in [-1,1], caption); returns a
     summary. save_base: also write the frozen base as base.safetensors (a model built from scratch,
@@ -256,28 +167,28 @@ def train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective,
     second trainer on it is refused; a dead one's stale lock is taken over)."""
     dist = dist or Dist()
     check_config(cfg, objective, pipe)
-    with ck.lock_run_dir(run_dir) if dist.rank == 0 else contextlib.nullcontext():
+    with lock.lock_run_dir(run_dir) if dist.rank == 0 else contextlib.nullcontext():
         return _train(pipe, dataset, cfg, run_dir, objective, logger, resume, config, dist, save_base)
 
 
 def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, logger, resume, config,
            dist: Dist, save_base: bool) -> dict:
-    logger, config = logger or ck.LoggerConfig(mode="disabled"), config or {}
+    logger, config = logger or runlog.LoggerConfig(mode="disabled"), config or {}
     root = os.path.join(run_dir, "checkpoints")
-    resume_path = ck.resolve_resume(run_dir, resume)
-    if (done := ck.finish_completed_run(run_dir, resume_path, cfg.max_steps, write=dist.rank == 0)) is not None:
+    resume_path = checkpoints.resolve_resume(run_dir, resume)
+    if (done := checkpoints.finish_completed_run(run_dir, resume_path, cfg.max_steps, write=dist.rank == 0)) is not None:
         return done                                        # resume=true on a finished run: it is complete
     if dist.rank == 0:
-        ck.prepare_run_dir(run_dir, fresh=resume_path is None and not resume)
+        checkpoints.prepare_run_dir(run_dir, fresh=resume_path is None and not resume)
         base = os.path.join(run_dir, "base.safetensors")
         if save_base and objective.lora is not None and not os.path.exists(base):
-            ck.save_model_file(base, pipe.unet, pipe.vae, pipe.text, pipe.file_config(),
+            save_model_file(base, pipe.unet, pipe.vae, pipe.text, pipe.file_config(),
                                {"prediction_type": pipe.prediction_type})
-            ck.make_readable(base)
+            runstate.make_readable(base)
     student_call = place(pipe, objective, cfg, dist)
     fsdp = None
     if cfg.distributed == "fsdp" and dist.world > 1:      # sharded networks: gathered for saving and sampling
-        from lcm import fsdp
+        from lcm.training import fsdp
     params = [p for _, p in objective.trainables]
     optimizer = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -287,7 +198,7 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
 
     step, run_id = 0, None
     if resume_path is not None:                             # trainables, optimizer, EMA, RNG, step, run id
-        step, run_id = ck.restore_training_state(resume_path, objective.trainables, optimizer, sched, scaler,
+        step, run_id = runstate.restore_training_state(resume_path, objective.trainables, optimizer, sched, scaler,
                                                  objective.ema, dist.rank, dist.world,
                                                  fsdp and fsdp.load_state(objective, optimizer))
         run_id = run_id if resume_path.startswith(os.path.abspath(run_dir)) else None
@@ -295,30 +206,30 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
 
     logr = None
     if dist.rank == 0:
-        ck.truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
-        ck.write_config(run_dir, config)
-        logr = ck.RunLogger(run_dir, logger, config, run_id)
+        runlog.truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
+        runlog.write_config(run_dir, config)
+        logr = runlog.RunLogger(run_dir, logger, config, run_id)
     B, G = cfg.batch_size, cfg.batch_size * dist.world
     loader = iter(make_loader(dataset, B, cfg.seed, dist.rank, dist.world, step, cfg.num_workers))
     encoder = LatentEncoder(pipe, dist.device, cfg.cache, cfg.vae_chunk, train_text=objective.trains_text)
-    meta = {"prediction_type": pipe.prediction_type, "lcm.train_config": json.dumps(ck.redact(config))}
+    meta = {"prediction_type": pipe.prediction_type, "lcm.train_config": json.dumps(runlog.redact(config))}
     meta |= objective.spec.to_metadata() if objective.spec is not None else {}
     export_name = objective.export_name
 
     def save(step: int) -> None:
-        rngs = [ck.rng_state()]
+        rngs = [runstate.rng_state()]
         if dist.world > 1:
             rngs = [None] * dist.world
-            torch.distributed.all_gather_object(rngs, ck.rng_state())
+            torch.distributed.all_gather_object(rngs, runstate.rng_state())
         full = fsdp and fsdp.gather_state(objective, optimizer)   # FSDP: full tensors on rank 0
         if dist.rank == 0:
             tr, opt, ema = (full.trainables, full.optimizer, full.ema) if full else \
                 (objective.trainables, optimizer, objective.ema)
-            state = ck.training_state(step, tr, opt, sched, scaler, ema, rngs, G, logr.run_id)
+            state = runstate.training_state(step, tr, opt, sched, scaler, ema, rngs, G, logr.run_id)
             export = (lambda p: fsdp.export(objective, p, meta, full.target)) if full else \
                 (lambda p: objective.export(p, meta))
             try:
-                ck.write_checkpoint(root, step, {ck.STATE_FILE: lambda p: ck.save_state(p, state, meta),
+                checkpoints.write_checkpoint(root, step, {runstate.STATE_FILE: lambda p: runstate.save_state(p, state, meta),
                                                  export_name: export},
                                     cfg.keep_checkpoints)
             except OSError as e:                           # e.g. disk full: older checkpoints stay intact
@@ -394,7 +305,6 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
                                                         ((config or {}).get("model") or {}).get("path")))
                     logr.image("validation", path, step, " | ".join(lbl for lbl, _ in rows))
                     if cfg.val_metrics:                    # FID / CLIP / demo metrics (lcm/evaluation)
-                        from lcm.evaluation.validation import validation_metrics
                         validation_metrics(pipe, objective, cfg, prompts, image_size(batch), logr, step, run_dir)
                 dist.barrier()
                 if fsdp:
@@ -414,10 +324,10 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
         if status == "done" and dist.rank == 0:            # the final LoRA / model beside the run
             tmp = os.path.join(run_dir, f".tmp-{export_name}")
             if fsdp:                                       # sharded: the export just saved at this step
-                shutil.copyfile(os.path.join(ck.step_dir(root, step), export_name), tmp)
+                shutil.copyfile(os.path.join(checkpoints.step_dir(root, step), export_name), tmp)
             else:
                 objective.export(tmp, meta)
-            ck.make_readable(tmp)
+            runstate.make_readable(tmp)
             os.replace(tmp, os.path.join(run_dir, export_name))
         if status == "done":
             objective.finish()                             # the pipeline keeps what was exported

@@ -1,32 +1,5 @@
-"""Training data: image folders with captions, webdataset shards (local files, URLs, pipe: commands),
-the latent shards the encode step writes, and a deterministic resumable order (docs/users.md
-Sec. 6-7, docs/scale.md).
-
-Every image source yields dict(image (3,H,W) in [-1,1], caption str, original_size (h, w),
-crop_top_left (top, left)); a latent source (data=latents) yields, in place of the image, what the
-encode step computed from it: mean, std (C,h,w) of the VAE posterior, context (77,D), pooled (P,)
-or None, and size (H, W) of the image they came from. Unusable samples (corrupt, vanished or
-oversized image, empty or non-UTF-8 caption, filtered out by data.min_size / data.max_pwatermark,
-a shard deleted, truncated or failing mid-run) are skipped and counted (the trainer logs
-`skipped_samples`), never fatal.
-
-Two ways to read shards, chosen by what they allow (data.streaming=auto picks; docs/scale.md):
-- Indexed (map-style Datasets): local folders, tar paths, globs and brace lists (ImageFolder,
-  TarShards, LatentShards). Every member is indexed once at start, so the order of samples is a
-  pure function of (seed, position) (StepSampler): a run resumes at the exact sample it stopped on,
-  and a global batch is the same whatever the number of processes (rank r takes the r-th slice).
-- Streamed (an IterableDataset, lcm.webshards.WebShards, read through the webdataset library): pipe: commands,
-  http(s)/s3/gs URLs, data.resampled=true or data.streaming=true. Such shards cannot be indexed
-  without reading all of them, so each (rank, DataLoader worker) reads shards of its own: in epoch e
-  the shards in randperm(seed, e), rank r every world-th, worker w every W-th of those (fewer
-  shards than world * W: every worker reads all and keeps every (world*W)-th sample); resampled,
-  worker slot s draws shards with replacement from a generator seeded by (seed, s), an endless
-  stream. A seeded shuffle buffer mixes samples. Batch j of a worker is the samples j*B .. j*B+B-1
-  of its filtered stream (a corrupt image is replaced by another sample of that batch), so the
-  position after s steps is a function of s alone: resume re-reads, without decoding, the samples
-  each worker had consumed and continues exactly there, given the same world size and
-  train.num_workers (other counts read another, equally valid, order).
-"""
+"""Image and latent sources: decoding, captions, LAION columns, folders and indexed tar shards
+(the item contract and the two read modes are in lcm/data/__init__.py's docstring)."""
 from __future__ import annotations
 
 import io
@@ -40,11 +13,7 @@ from urllib.parse import urlparse
 
 import torch
 import webdataset as wds
-from torch.utils.data import Dataset, IterableDataset
-
-from lcm.conditioning import ZERO_UNCOND_FAMILIES, unconditional, with_vector
-from models.text import Conditioning
-from solvers.noise import randn
+from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +36,6 @@ def decode_caption(raw: bytes) -> str:
     except UnicodeDecodeError as e:
         raise SkipSample(f"caption is not UTF-8 ({e.reason} at byte {e.start})") from None
 
-#----------------------------------------------------------------------------
-# Image preprocessing: resize the short side, crop a square, optionally flip (SDXL micro-cond ids).
 
 def load_image(data: bytes | str, resolution: int, crop: str, rng: random.Random, flip: bool = False,
                max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
@@ -128,8 +95,6 @@ def _caption(text) -> str:
         raise SkipSample("empty caption")
     return text
 
-#----------------------------------------------------------------------------
-# Shard URLs: brace lists, '::'-joined lists, pipe: commands, http(s)/s3/gs URLs, local paths and globs.
 
 def is_local(url: str) -> bool:
     """A local path (or file: URL), as opposed to a pipe: command or a remote URL."""
@@ -167,9 +132,6 @@ def use_streaming(urls: list[str], streaming="auto", resampled: bool = False) ->
         return False
     raise ValueError(f"data.streaming must be auto, true or false, got {streaming!r}")
 
-#----------------------------------------------------------------------------
-# Sample columns: one webdataset sample (extension -> bytes, read lazily) -> a training item, in two
-# stages: check (caption, metadata, filters; no image decoded) and decode.
 
 class ImageColumns:
     """LAION-style image samples: image jpg;png;jpeg;webp, caption txt;caption;json (its caption/text
@@ -266,8 +228,6 @@ class LatentColumns:
                     pooled=None if pooled is None else pooled.to(dtype), size=tuple(info["size"]),
                     original_size=tuple(info["original_size"]), crop_top_left=tuple(info["crop_top_left"]))
 
-#----------------------------------------------------------------------------
-# Indexed sources. `get(i, rng)` returns one sample or raises SkipSample.
 
 class ImageFolder(Dataset):
     """A folder of images; captions in metadata.jsonl ({"file_name", "text"}) or a .txt per image."""
@@ -399,7 +359,7 @@ class TarShards(IndexedTars):
 
 
 class LatentShards(IndexedTars):
-    """The encode step's output (task=encode; lcm/encode.py), indexed: a folder with manifest.json, or
+    """The encode step's output (task=encode; lcm/data/encode.py), indexed: a folder with manifest.json, or
     its shard paths. Sample keys are the source's sample indices and len() is the source's length
     (a sample skipped when encoding is skipped here too), so training from the cache takes the same
     samples in the same order as training from the images."""
@@ -444,234 +404,3 @@ def read_manifest(path: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != LATENT_FORMAT:
         raise ValueError(f"{path} is not an encode manifest (format {LATENT_FORMAT})")
     return manifest
-
-#----------------------------------------------------------------------------
-# data=tars / data=latents: indexed for local shards, streamed otherwise (data.streaming).
-
-def tar_data(urls: str | list[str], resolution: int = 512, crop: str = "center", flip: bool = False,
-             max_pixels: int = MAX_PIXELS, min_size: int | None = None, max_pwatermark: float | None = None,
-             streaming="auto", resampled: bool = False, shuffle_buffer: int = 1000, exact_resume: bool = True):
-    """data=tars: TarShards (indexed: exact resume whatever the world size) for local shards, else
-    WebShards (streamed: pipe: commands, URLs, data.resampled=true)."""
-    if use_streaming(expand_urls(urls), streaming, resampled):
-        from lcm.webshards import WebShards
-        columns = ImageColumns(resolution, crop, flip, max_pixels, min_size, max_pwatermark)
-        return WebShards(urls, columns, resampled, shuffle_buffer, exact_resume)
-    return TarShards(urls, resolution, crop, flip, max_pixels, min_size, max_pwatermark)
-
-
-def latent_data(urls: str | list[str], streaming="auto", resampled: bool = False, shuffle_buffer: int = 1000,
-                exact_resume: bool = True):
-    """data=latents: the encode step's output; LatentShards (indexed) if local, else WebShards."""
-    shards, _ = latent_shards(urls)
-    if use_streaming(shards, streaming, resampled):
-        from lcm.webshards import WebShards
-        return WebShards(shards, LatentColumns(), resampled, shuffle_buffer, exact_resume)
-    return LatentShards(urls)
-
-#----------------------------------------------------------------------------
-# The training view: virtual keys (epoch * N + index) -> usable samples, skips counted.
-
-def train_item(item: dict, key: int, index: int, skipped: int) -> dict:
-    """A source's item (image or latent) checked, with its key, index and skip count."""
-    if "mean" in item:                                      # precomputed by the encode step
-        if not (isinstance(item["mean"], torch.Tensor) and item["mean"].ndim == 3):
-            raise ValueError(f"sample {index}: latent mean must be a (C, h, w) tensor")
-        size = tuple(item["size"])
-        out = dict(mean=item["mean"], std=item["std"], context=item["context"], pooled=item.get("pooled"), size=size)
-    else:
-        img = item["image"]
-        if not (isinstance(img, torch.Tensor) and img.ndim == 3 and img.shape[0] == 3):
-            raise ValueError(f"sample {index}: image must be a (3, H, W) tensor in [-1, 1]")
-        size = tuple(img.shape[1:])
-        out = dict(image=img)
-    return dict(out, caption=item["caption"], key=key, index=index, skipped=skipped,
-                original_size=tuple(item.get("original_size") or size),
-                crop_top_left=tuple(item.get("crop_top_left") or (0, 0)))
-
-
-class TrainData(Dataset):
-    """Wraps any indexed source (`get(i, rng)` or `ds[i]` -> dict with image, caption) for the trainer."""
-
-    MAX_SKIPS = 100
-    NEAR_SKIPS = 8                      # substitutes: the next indices, then seeded random ones (a dead shard is left)
-
-    def __init__(self, source, seed: int = 0):
-        if isinstance(source, IterableDataset):
-            raise TypeError(f"{type(source).__name__} is streamed: use make_loader(), not TrainData")
-        self.source, self.seed = source, seed
-        if len(source) == 0:
-            raise ValueError("the dataset is empty")
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, key: int) -> dict:
-        n = len(self.source)
-        for skip in range(self.MAX_SKIPS):                  # deterministic substitutes: a function of (seed, key, skip)
-            i = (key + skip) % n if skip < self.NEAR_SKIPS else hash_seed(self.seed, key, skip, "substitute") % n
-            rng = random.Random(f"lcm-data/{self.seed}/{key}/{skip}")
-            try:
-                item = self.source.get(i, rng) if hasattr(self.source, "get") else self.source[i]
-                item = dict(item)
-                item["caption"] = _caption(item.get("caption"))
-            except SkipSample as e:
-                log.warning("skipping sample %d: %s", i, e)
-                continue
-            return train_item(item, key, i, skip)
-        raise RuntimeError(f"{self.MAX_SKIPS} consecutive unusable samples from index {key % n}: "
-                           "is the dataset mostly corrupt or uncaptioned?")
-
-
-def collate(items: list[dict]) -> dict:
-    """List of train items -> batch dict: images stacked (B,3,H,W), or latent moments (B,C,h,w) and
-    text embeddings (B,77,D) with the image size (H, W) they came from."""
-    if "mean" in items[0]:
-        shapes = {(tuple(it["mean"].shape), tuple(it["size"])) for it in items}
-        if len(shapes) != 1:
-            raise ValueError(f"latents of one batch differ in size {sorted(shapes)}: encode at one data.resolution")
-        pooled = None if items[0]["pooled"] is None else torch.stack([it["pooled"] for it in items])
-        out = dict(mean=torch.stack([it["mean"] for it in items]), std=torch.stack([it["std"] for it in items]),
-                   context=torch.stack([it["context"] for it in items]), pooled=pooled, size=items[0]["size"])
-    else:
-        shapes = {tuple(it["image"].shape) for it in items}
-        if len(shapes) != 1:
-            raise ValueError(f"images of one batch differ in size {sorted(shapes)}: set data.resolution")
-        out = dict(image=torch.stack([it["image"] for it in items]))
-    return dict(out, caption=[it["caption"] for it in items],
-                original_size=[it["original_size"] for it in items],
-                crop_top_left=[it["crop_top_left"] for it in items],
-                key=torch.tensor([it["key"] for it in items]),
-                index=torch.tensor([it["index"] for it in items]),
-                skipped=sum(it["skipped"] for it in items))
-
-
-def image_size(batch: dict) -> int:
-    """The side of the square images a batch holds or was encoded from (validation size)."""
-    return int(batch["image"].shape[-1]) if "image" in batch else int(batch["size"][-1])
-
-
-def first_captions(dataset, n: int) -> list[str]:
-    """The first n usable captions of a dataset (validation prompts when none are given)."""
-    if isinstance(dataset, IterableDataset):             # streamed (lcm.webshards.WebShards)
-        return dataset.first_captions(n)
-    data = TrainData(dataset)
-    return [data[i]["caption"] for i in range(min(n, len(data)))]
-
-#----------------------------------------------------------------------------
-# Deterministic, resumable order: epoch e is randperm(N) seeded by (seed, e); a global batch
-# of size G at step s is positions s*G .. s*G+G-1 of the concatenated epochs; rank r takes slice r.
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of one epoch (n,), a pure function of (seed, epoch)."""
-    g = torch.Generator().manual_seed(hash_seed(seed, epoch, "epoch"))
-    return torch.randperm(n, generator=g)
-
-
-def hash_seed(*parts) -> int:
-    """A 63-bit seed from a tuple of ints/strings, stable across runs and processes."""
-    import hashlib
-    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """Batch sampler yielding this rank's virtual keys for steps start_step, start_step + 1, ..."""
-
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_step: int = 0, shuffle: bool = True):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size, self.start_step, self.shuffle = rank, world_size, start_step, shuffle
-        self._perm = (None, None)
-
-    def keys(self, step: int) -> list[int]:
-        G = self.batch_size * self.world_size
-        first = step * G + self.rank * self.batch_size
-        return [self._key(p) for p in range(first, first + self.batch_size)]
-
-    def _key(self, pos: int) -> int:
-        epoch, i = divmod(pos, self.n)
-        if not self.shuffle:
-            return epoch * self.n + i
-        if self._perm[0] != epoch:
-            self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch))
-        return epoch * self.n + int(self._perm[1][i])
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            yield self.keys(step)
-            step += 1
-
-
-def _identity(x):
-    return x
-
-
-def make_loader(dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                start_step: int = 0, num_workers: int = 0, shuffle: bool = True):
-    """Infinite DataLoader of this rank's batches from `start_step` on (resume): TrainData(dataset)
-    under the StepSampler, or a streamed WebShards's own batches (in worker order)."""
-    if isinstance(dataset, IterableDataset):             # streamed (lcm.webshards.WebShards): its own batches
-        ws = dataset.configured(batch_size, seed, rank, world_size, start_step, shuffle)
-        return torch.utils.data.DataLoader(ws, batch_size=None, collate_fn=_identity, num_workers=num_workers,
-                                           persistent_workers=num_workers > 0)
-    data = dataset if isinstance(dataset, TrainData) else TrainData(dataset, seed)
-    sampler = StepSampler(len(data), batch_size, seed, rank, world_size, start_step, shuffle)
-    return torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
-                                       num_workers=num_workers, persistent_workers=num_workers > 0)
-
-#----------------------------------------------------------------------------
-# Algorithm 1's D_z: batch -> clean latents z (B,4,h,w) and the cond / uncond UNet conditioning.
-
-class LatentEncoder:
-    """VAE + text encoding of a batch, optionally cached per sample (latent moments, context); a
-    batch from data=latents carries them precomputed (only the posterior noise is drawn here)."""
-
-    def __init__(self, pipe, device, cache: bool = False, vae_chunk: int = 0, train_text: bool = False):
-        self.pipe, self.device, self.use_cache, self.vae_chunk, self.train_text = pipe, device, cache, vae_chunk, train_text
-        self.cache, self._empty = {}, None
-
-    def _encode(self, images, captions):
-        """images (B,3,H,W), captions -> (mean, std (B,C,h,w) fp32, context (B,77,D), pooled or None)."""
-        p = self.pipe
-        chunk = self.vae_chunk or images.shape[0]
-        with torch.no_grad():
-            posts = [p.vae.encode(images[i:i + chunk].to(self.device)) for i in range(0, images.shape[0], chunk)]
-            mean = torch.cat([q.mean for q in posts]).float()
-            std = torch.cat([q.std for q in posts]).float()
-        with torch.set_grad_enabled(self.train_text):
-            c = p.text.encode(captions)
-        return mean, std, c.context, c.pooled
-
-    def __call__(self, batch: dict, gens):
-        captions = batch["caption"]
-        if "mean" in batch:                                 # data=latents: precomputed by task=encode
-            if self.train_text:
-                raise ValueError("data=latents holds precomputed text embeddings: it cannot train the text "
-                                 "encoder (train.train_text_encoder=false, or train from images)")
-            mean, std, ctx = (batch[k].to(self.device) for k in ("mean", "std", "context"))
-            pooled = None if batch.get("pooled") is None else batch["pooled"].to(self.device)
-        elif self.use_cache:
-            images, idx = batch["image"], batch["index"].tolist()
-            todo = [i for i, j in enumerate(idx) if j not in self.cache]
-            if todo:
-                parts = self._encode(images[todo], [captions[i] for i in todo])
-                for n, i in enumerate(todo):
-                    self.cache[idx[i]] = tuple(None if t is None else t[n:n + 1].detach().cpu() for t in parts)
-            rows = [self.cache[j] for j in idx]
-            mean, std, ctx, pooled = (None if rows[0][k] is None else torch.cat([r[k] for r in rows]).to(self.device)
-                                      for k in range(4))
-        else:
-            mean, std, ctx, pooled = self._encode(batch["image"], captions)
-        noise = randn(mean.shape, gens, device=self.device)              # posterior sample, per-sample generators
-        z = (mean + std * noise) * self.pipe.vae_scale                   # z = scale * E(x).sample()
-        cond = Conditioning(ctx, pooled)
-        with torch.set_grad_enabled(self.train_text):      # SD1/SD2: the encoded "" (cached unless trained)
-            if (self._empty is None or self.train_text) and self.pipe.family not in ZERO_UNCOND_FAMILIES:
-                self._empty = self.pipe.text.encode([""])
-            uncond = unconditional(self.pipe.text.encode, self.pipe.family, cond, empty=self._empty)
-        sizes, crops = batch.get("original_size"), batch.get("crop_top_left")  # SDXL micro-conditioning ids
-        target = tuple(batch["size"]) if "size" in batch else tuple(batch["image"].shape[-2:])
-        vec = lambda c: with_vector(c, sizes, crops, target)
-        return z, vec(cond), vec(uncond)

@@ -86,7 +86,7 @@ class AdapterEMA:
 
 def _shards(target: list, online: list) -> tuple[list, list]:
     """The tensors the EMA updates: the parameters themselves, or with FSDP (DTensor parameters,
-    lcm/fsdp.py) each rank's local shards, which must line up (same mesh, placements, shapes)."""
+    lcm/training/fsdp.py) each rank's local shards, which must line up (same mesh, placements, shapes)."""
     assert len(target) == len(online), f"EMA target has {len(target)} parameters, the model {len(online)}"
     t, o = [], []
     for pt, po in zip(target, online):

@@ -3,12 +3,12 @@
 What is sharded: every network of a full-model objective (objective=lcd, lcf or diffusion without a
 LoRA): the student (fp32 parameters, gradients and AdamW states, each 1/N per rank), its EMA target
 (sharded exactly as the student, so theta_minus <- mu theta_minus + (1 - mu) theta is a local
-update of the shards, lcm/ema.py) and the frozen teacher (in its storage dtype, e.g.
+update of the shards, lcm/objectives/ema.py) and the frozen teacher (in its storage dtype, e.g.
 train.frozen_storage=bfloat16). Each UNet block (input_blocks[i], middle_block, output_blocks[i])
 is one FSDP unit, the rest (time embedding, conv_in/out) belongs to the root unit; every unit
-reshards after its forward. LoRA runs stay on DDP (lcm/trainer.py refuses fsdp with a LoRA).
+reshards after its forward. LoRA runs stay on DDP (lcm/training/loop.py refuses fsdp with a LoRA).
 
-Checkpoints keep the layout of lcm/checkpointing.py: rank 0 writes one state file gathered from the
+Checkpoints keep the layout of lcm/runs/: rank 0 writes one state file gathered from the
 shards (full state dicts, on the CPU), in the very format a single process writes (the optimizer
 state keyed by parameter index), so a run resumes on any number of processes in either mode; the
 export is the usual single file. All functions here are collective: every rank calls them.
@@ -142,7 +142,7 @@ def gather_state(objective, optimizer) -> FullState | None:
 
 
 def load_state(objective, optimizer):
-    """A loader for lcm.checkpointing.restore_training_state: full tensors from a state file (every
+    """A loader for lcm.runs.restore_training_state: full tensors from a state file (every
     rank reads it) into the shards of the student, the optimizer and the EMA target."""
     def load(trainables: dict, optimizer_state: dict, ema_state: dict | None) -> None:
         student, names = objective.student, [n for n, _ in objective.trainables]
@@ -159,9 +159,9 @@ def load_state(objective, optimizer):
 def export(objective, path: str, metadata: dict, target: dict) -> None:
     """The full target model as an original-layout single file (Objective.export's full-model
     branch, from the gathered state dict `target`); rank 0 only."""
-    from lcm import checkpointing as ck
     from lcm.objectives.base import Objective
+    from models.checkpoint import save_model_file
     assert objective.lora_name is None and type(objective).export is Objective.export, \
-        "lcm.fsdp.export writes Objective.export's full-model file; this objective exports otherwise"
+        "lcm.training.fsdp.export writes Objective.export's full-model file; this objective exports otherwise"
     p = objective.pipe
-    ck.save_model_file(path, target, p.vae, p.text, p.file_config(objective.target), metadata)
+    save_model_file(path, target, p.vae, p.text, p.file_config(objective.target), metadata)

@@ -1,7 +1,7 @@
 """Streamed webdataset shards (pipe: commands, http(s)/s3/gs URLs, resampled streams): WebShards, an
 IterableDataset read through the webdataset library, in which each (rank, DataLoader worker) reads
-shards of its own and yields whole batches; the order and what resume re-reads are in lcm/data.py's
-module docstring and docs/scale.md. data=tars / data=latents build it (lcm.data.tar_data, latent_data).
+shards of its own and yields whole batches; the order and what resume re-reads are in lcm/data/'s
+module docstring and docs/scale.md. data=tars / data=latents build it (lcm.data.build.tar_data, latent_data).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from lcm.data import ImageColumns, SkipSample, collate, epoch_permutation, expand_urls, hash_seed, train_item
+from lcm.data.order import collate, epoch_permutation, hash_seed, train_item
+from lcm.data.sources import ImageColumns, SkipSample, expand_urls
 
 log = logging.getLogger(__name__)
 

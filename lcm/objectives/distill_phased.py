@@ -6,7 +6,7 @@ from the network's one output at t (TCD's TCF(1), arXiv 2402.19159; PCM's Eq. 3 
 2405.18407): no c_skip / c_out, and f(z_s, s, s) = z_s. They differ in where s is:
   TCD  s is drawn on the grid at or below t_n, so the network learns every jump along the trajectory;
   PCM  s is the lower edge of t_{n+k}'s phase (M phases split the grid), so it learns M short ODE pieces.
-Everything else is LCD's (lcm/distill.py, docs/method.md Sec. 3): the grid and k, w ~ U[w_min, w_max]
+Everything else is LCD's (lcm/objectives/distill.py, docs/method.md Sec. 3): the grid and k, w ~ U[w_min, w_max]
 in the LCM convention, the teacher step Psi (an EstimateFn), the target net under no_grad, the
 distance d, and the draws: one torch.Generator, or one per sample (then 2 processes x B == 1 process
 x 2B). Per-sample draw order: LCD's (grid index, u, eps), then TCD's r (for s) or PCM's dropout u.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lcm.distill import (EstimateFn, NetFn, _draw, check_teacher_solver, distance, draw_points, guided)
+from lcm.objectives.distill import (EstimateFn, NetFn, _draw, check_teacher_solver, distance, draw_points, guided)
 from models.text import Conditioning
 from solvers.ddim import ddim_from_x0_eps
 from solvers.dpm_solver import dpm_solver_step, dpmpp_2s_step

@@ -1,0 +1,1 @@
+"""The training loop (names no objective), distributed set-up and FSDP, validation."""
