@@ -27,7 +27,7 @@ SMOKE_MODEL = OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "conf/exp
 
 
 def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    """fp32 parity: max abs error <= 1e-4 * max(1, |a|max) (docs/HELPERS.md)."""
+    """fp32 parity: max abs error <= 1e-4 * max(1, |a|max) (CONTRIBUTING.md)."""
     err, tol = (a - b).abs().max().item(), 1e-4 * max(1.0, a.abs().max().item())
     assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
 

@@ -7,6 +7,7 @@ import logging
 import os
 
 from lcm.evaluation.runner import atomic_write, write_json
+from lcm.runs.logger import portable
 
 log = logging.getLogger(__name__)
 SETTINGS = ("method", "solver", "steps", "guidance_scale", "eta", "spacing", "lora_scales", "nfe",
@@ -61,14 +62,15 @@ def plot(rows: list[dict], path: str) -> bool:
 
 def write_report(out_dir: str, rows: list[dict], config: dict | None = None, title: str = "Evaluation",
                  with_plot: bool = True) -> list[str]:
-    """results.json / results.md (/ results.png) in out_dir, each written atomically; returns the paths."""
+    """results.json / results.md (/ results.png) in out_dir, each written atomically; returns the paths.
+    Paths in the config and title become file names (lcm.runs.logger.portable): the files are shared."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
-    write_json(paths[0], dict(rows=rows, config=config or {}))
+    write_json(paths[0], dict(rows=rows, config=portable(config or {}, (out_dir,))))
 
     def w(p):
         with open(p, "w") as f:
-            f.write(markdown(rows, title))
+            f.write(markdown(rows, portable(title, (out_dir,))))
     atomic_write(paths[1], w)
     if with_plot and plot(rows, os.path.join(out_dir, "results.png")):
         paths.append(os.path.join(out_dir, "results.png"))

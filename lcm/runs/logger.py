@@ -1,9 +1,12 @@
-"""The run's resolved config, metrics.jsonl and wandb (rank 0 only)."""
+"""The run's resolved config, metrics.jsonl and wandb (rank 0 only); the config as shared files record it
+(credentials redacted, paths as file names)."""
 from __future__ import annotations
 
 import json
 import logging
+import ntpath
 import os
+import re
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,53 @@ def redact(config, keys=("token", "key", "secret", "password")):
     if isinstance(config, list):
         return [redact(v, keys) for v in config]
     return config
+
+
+#----------------------------------------------------------------------------
+# Portable metadata: a file shared with others (an exported LoRA or model, a PNG, results.json) names
+# files, never the directories of the machine it was made on.
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")                           # C:\... or C:/...
+_EMBEDDED = re.compile(r"([=\[,]|: )(~?/(?!/)[^\s,\[\]{}'\"]+)")   # a path as an override's value or list item
+
+
+def portable(config, roots: tuple[str, ...] = ()):
+    """A copy of a nested config whose path strings are base names: absolute, ~ and Windows paths, paths
+    relative to an existing file under cwd or `roots`, and paths given as `key=/path` or list items;
+    any other mention of cwd, the checkout, home or a root (e.g. the run dir) loses that prefix."""
+    dirs = {os.path.abspath(os.path.expanduser(d)).rstrip(os.sep)
+            for d in (*roots, os.getcwd(), CHECKOUT, os.path.expanduser("~")) if d}
+    return _portable(config, sorted((d for d in dirs if d), key=len, reverse=True))
+
+
+def _portable(x, dirs: list[str]):
+    if isinstance(x, dict):
+        return {k: _portable(v, dirs) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_portable(v, dirs) for v in x]
+    if not isinstance(x, str):
+        return x
+    if _is_path(x, dirs):
+        return _base(x)
+    x = _EMBEDDED.sub(lambda m: m.group(1) + _base(m.group(2)), x)
+    for d in dirs:                                       # longest first: the run dir before the checkout
+        x = x.replace(d + os.sep, "").replace(d, os.path.basename(d))
+    return x
+
+
+def _is_path(s: str, dirs: list[str]) -> bool:
+    if "\n" in s or "://" in s or len(s) < 2:
+        return False
+    if s.startswith("/") or (s.startswith("~") and "/" in s) or _DRIVE.match(s):
+        return True
+    return "/" in s and any(os.path.exists(os.path.join(d, s)) for d in dirs)
+
+
+def _base(path: str) -> str:
+    if _DRIVE.match(path):
+        return ntpath.basename(path.rstrip("\\/"))
+    return os.path.basename(os.path.normpath(os.path.expanduser(path)))
 
 
 def truncate_metrics(path: str, step: int) -> None:

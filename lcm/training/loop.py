@@ -212,7 +212,8 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
     B, G = cfg.batch_size, cfg.batch_size * dist.world
     loader = iter(make_loader(dataset, B, cfg.seed, dist.rank, dist.world, step, cfg.num_workers))
     encoder = LatentEncoder(pipe, dist.device, cfg.cache, cfg.vae_chunk, train_text=objective.trains_text)
-    meta = {"prediction_type": pipe.prediction_type, "lcm.train_config": json.dumps(runlog.redact(config))}
+    meta = {"prediction_type": pipe.prediction_type,       # exported: file names, no directories
+            "lcm.train_config": json.dumps(runlog.portable(runlog.redact(config), (run_dir,)))}
     meta |= objective.spec.to_metadata() if objective.spec is not None else {}
     export_name = objective.export_name
 
