@@ -41,11 +41,8 @@ def knobs(*, _root_: DictConfig) -> str:
 
 def solver_preset(name: str) -> dict:
     """conf/solver/<name>.yaml: the pipeline solver, its guidance_scale, eta and spacing."""
-    path = os.path.join(CONF, "solver", f"{name}.yaml")
-    if not os.path.isfile(path):
-        presets = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "solver")) if f.endswith(".yaml"))
-        raise ValueError(f"solver={name!r} is not a preset in conf/solver/; choose one of {', '.join(presets)}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    from lcm.sampling.samplers import load_preset
+    return load_preset(CONF, name)
 
 
 def methods_of(items: list):
@@ -86,12 +83,12 @@ def png_info(cfg: DictConfig, pipe, lora: list) -> dict:
     """The A1111 infotext fields every saved image shares: model name and hash, LoRAs (no paths)."""
     from lcm.sampling import infotext
     entries = [{"path": e} if isinstance(e, str) else dict(e) for e in lora]
-    scales = pipe._adapter_scales()                       # adapters in load order, as load_loras named them
+    scales = pipe.adapter_scales()                       # adapters in load order, as load_loras named them
     names = list(scales)
     return {"Model": infotext.stem(cfg.model.path), "Model hash": infotext.short_hash(cfg.model.path),
             "loras": [(a, infotext.stem(e["path"]), infotext.lora_hash(e["path"])) for a, e in zip(names, entries)],
             "lora_scales": scales,
-            "lcm_like": [a for a in names if a == "lcm" or a in getattr(pipe, "adapter_specs", {})]}
+            "lcm_like": [a for a in names if pipe.is_lcm_style(a)]}
 
 
 def run(cfg: DictConfig) -> list[dict]:

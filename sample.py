@@ -15,14 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lcm.cli import USER_ERRORS, help_text, preflight_message, run_or_exit
-from lcm.sampling import infotext
+from lcm.sampling import infotext, samplers
 
 log = logging.getLogger("sample")
 DTYPES = ("float32", "float16", "bfloat16")
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
-FEW_STEP = ("lcm", "tcd", "pcm")          # samplers of distilled weights (lcm.pipeline.FEW_STEP)
-SOLVER_KEYS = ("steps", "guidance_scale", "timesteps", "solver.steps", "solver.guidance_scale",
-               "solver.eta", "solver.spacing")
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -136,11 +133,11 @@ def png_solver(info: dict) -> str:
     """Our solver name from the PNG's `Solver:` field, else from A1111's sampler name."""
     if "Solver" in info:
         return info["Solver"]
-    by_a1111 = {v: k for k, v in infotext.SAMPLER_NAMES.items()}
-    if info.get("Sampler") not in by_a1111:
+    sampler = samplers.by_a1111(info.get("Sampler"))
+    if sampler is None:
         raise ValueError(f"from_png: sampler {info.get('Sampler')!r} is not one this project runs "
-                         f"({', '.join(by_a1111)})")
-    return by_a1111[info["Sampler"]]
+                         f"({', '.join(s.a1111 for s in samplers.SAMPLERS.values())})")
+    return sampler.name
 
 
 def match_lora(name: str, entries: list[dict]) -> int | None:
@@ -240,14 +237,9 @@ class Row:
 
 
 def solver_preset(solver: str) -> dict:
-    """guidance_scale / eta / spacing of conf/solver/<solver>.yaml (a solver without a preset of its
-    own name: the ddim teacher's CFG, or lcm's for a few-step sampler; eta, spacing null)."""
-    path = os.path.join(CONF, "solver", f"{solver}.yaml")
-    if os.path.isfile(path):
-        p = OmegaConf.load(path)
-        return dict(guidance_scale=float(p.guidance_scale), eta=p.get("eta"), spacing=p.get("spacing"))
-    p = OmegaConf.load(os.path.join(CONF, "solver", ("lcm" if solver in FEW_STEP else "ddim") + ".yaml"))
-    return dict(guidance_scale=float(p.guidance_scale), eta=None, spacing=None)
+    """guidance_scale / eta / spacing of the solver's preset, conf/solver/<solver>.yaml."""
+    p = samplers.load_preset(CONF, solver)
+    return dict(guidance_scale=float(p["guidance_scale"]), eta=p.get("eta"), spacing=p.get("spacing"))
 
 
 def plan_rows(cfg: DictConfig, pipe, loras: list[dict]) -> list[Row]:
@@ -259,10 +251,10 @@ def plan_rows(cfg: DictConfig, pipe, loras: list[dict]) -> list[Row]:
         return [Row(cfg.solver.name, steps, **own, scales=base, teacher=False)]
     if cfg.timesteps is not None:
         raise ValueError("timesteps= and grid= conflict: the grid sets the steps of each row; drop timesteps")
-    lcm_style = {n for n in base if n == "lcm" or n in pipe.adapter_specs}
+    lcm_style = {n for n in base if pipe.is_lcm_style(n)}
     rows = []
     for solver in cfg.grid["solvers"]:
-        teacher = solver not in FEW_STEP
+        teacher = not samplers.get(solver).few_step
         scales = {n: (0.0 if teacher and n in lcm_style else s) for n, s in base.items()}
         preset = own if solver == cfg.solver.name else solver_preset(solver)
         rows += [Row(solver, int(steps), **preset, scales=scales, teacher=teacher and bool(lcm_style))
@@ -273,7 +265,7 @@ def plan_rows(cfg: DictConfig, pipe, loras: list[dict]) -> list[Row]:
 def nfe(pipe, row: Row) -> int:
     """UNet evaluations per image: steps x solver order (singlestep DPM-Solver-2: 2) x 2 with CFG."""
     cfg_passes = 2 if row.guidance_scale != 1.0 and not pipe.is_full_lcm else 1
-    return row.steps * (2 if row.solver == "dpmsolver" else 1) * cfg_passes
+    return row.steps * samplers.get(row.solver).nfe_per_step * cfg_passes
 
 
 def row_label(pipe, row: Row) -> str:
@@ -287,11 +279,10 @@ def image_params(cfg: DictConfig, pipe, loras: list[dict], row: Row, prompt: str
     """The A1111 infotext fields of one image (lcm.sampling.infotext.format_infotext); names, never paths."""
     tiny = (cfg.get("vae") or {}).get("tiny")
     eta = row.eta
-    if eta is None and row.solver in ("ddim", "tcd"):
-        from lcm.pipeline import DEFAULT_ETA
-        eta = DEFAULT_ETA[row.solver]
+    if eta is None:
+        eta = samplers.get(row.solver).eta
     p = {"prompt": prompt, "negative_prompt": cfg.negative_prompt,
-         "Steps": row.steps, "Sampler": infotext.SAMPLER_NAMES.get(row.solver, row.solver),
+         "Steps": row.steps, "Sampler": samplers.get(row.solver).a1111,
          "CFG scale": row.guidance_scale, "Seed": seed, "Size": f"{size[0]}x{size[1]}",
          "Model hash": infotext.short_hash(cfg.model.path), "Model": infotext.stem(cfg.model.path),
          "VAE hash": infotext.short_hash(tiny) if tiny else None, "VAE": os.path.basename(tiny) if tiny else None,
@@ -302,7 +293,7 @@ def image_params(cfg: DictConfig, pipe, loras: list[dict], row: Row, prompt: str
                   for lo in loras if row.scales[lo["name"]] != 0.0]
     p |= {"Solver": row.solver, "Eta": eta, "Spacing": row.spacing,
           "Timesteps": list(cfg.timesteps) if cfg.timesteps is not None and cfg.grid is None else None}
-    if row.solver in FEW_STEP:                       # the consistency spec the sampler used
+    if samplers.get(row.solver).few_step:           # the consistency spec the sampler used
         sp = pipe.spec
         p |= {"LCM grid": sp.num_ddim_timesteps, "LCM k": pipe.schedule.T // sp.num_ddim_timesteps,
               "LCM sigma_data": sp.sigma_data, "LCM timestep_scaling": sp.timestep_scaling,

@@ -12,25 +12,19 @@ from tqdm.auto import tqdm
 from lcm.conditioning import unconditional, with_vector
 from lcm.consistency import ConsistencySpec
 from lcm.denoiser import denoiser
+from lcm.sampling import samplers
 from lcm.sampling.guards import (as_image_tensor, check_init_image, check_latents, check_memory,
                                  warn_control_characters)
 from models import checkpoint as ckpt
 from models import lora as lora_lib
 from models import lora_io
 from models.text import Conditioning
-from solvers import ddim, dpm_solver
-from solvers import lcm as lcm_solver
-from solvers import tcd as tcd_solver
 from solvers.noise import randn
-from solvers.schedule import Schedule, lcm_timesteps, on_lcm_grid, pcm_timesteps, spaced_timesteps
+from solvers.schedule import Schedule, on_lcm_grid
 from solvers.wrappers import GuidedModel, lcm_w
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("lcm", "tcd", "pcm", "ddim", "euler", "dpmsolver", "dpmsolver++")
-FEW_STEP = ("lcm", "tcd", "pcm")      # samplers of distilled weights: their grid comes from the spec
-SPACINGS = ("leading", "trailing", "linspace")
-DEFAULT_ETA = {"ddim": 0.0, "tcd": 0.3}   # DDIM's eta; TCD's gamma (diffusers' TCDScheduler default)
 DEFAULT_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024, "ssd1b": 1024}
 PREDICTION_TYPES = ckpt.PREDICTION_TYPES
 
@@ -197,7 +191,7 @@ class Pipeline:
         from a file with an `lcm.spec`, or trained here), else the model's own (`base_spec`: a full
         LCM's, or the default N = 50 that the released LCM-LoRA files assume). Two active adapters
         with different specs are an error naming both."""
-        scales = self._adapter_scales()
+        scales = self.adapter_scales()
         active = {n: sp for n, sp in self.adapter_specs.items() if scales.get(n, 0.0) != 0.0}
         if len(set(active.values())) > 1:
             raise ValueError("active LCM-style adapters disagree on their spec: " + "; ".join(
@@ -208,7 +202,7 @@ class Pipeline:
     def spec(self, spec: ConsistencySpec) -> None:
         self.base_spec = spec
 
-    def _adapter_scales(self) -> dict[str, float]:
+    def adapter_scales(self) -> dict[str, float]:
         """Adapter name -> its scale on the UNet (the first layer that holds it)."""
         scales = {}
         for _, m in lora_lib.lora_layers(self.unet):
@@ -243,10 +237,13 @@ class Pipeline:
             meta |= self.adapter_specs.get(name, self.base_spec).to_metadata()
         return lora_io.save_lora(self.unet, path, name, format=format, overwrite=overwrite, metadata=meta)
 
+    def is_lcm_style(self, name: str) -> bool:
+        """An LCM-style adapter: named 'lcm', or carrying a consistency spec (a few-step sampler's weights)."""
+        return name == "lcm" or name in self.adapter_specs
+
     def _lcm_lora_active(self) -> bool:
-        """An LCM-style adapter (named 'lcm', or carrying a spec) is loaded with a non-zero scale."""
-        scales = self._adapter_scales()
-        return any(scales.get(n, 0.0) != 0.0 for n in {"lcm", *self.adapter_specs})
+        """An LCM-style adapter is loaded with a non-zero scale."""
+        return any(v != 0.0 and self.is_lcm_style(n) for n, v in self.adapter_scales().items())
 
     #------------------------------------------------------------------------
     # Sampling.
@@ -262,13 +259,14 @@ class Pipeline:
         height, width = height or self.default_size, width or self.default_size
         self._check_args(prompts, steps, guidance_scale, solver, timesteps, height, width,
                          strength, output, init_image)
-        eta = self._check_eta_spacing(solver, eta, spacing)
+        sampler = samplers.get(solver)
+        eta = self._check_eta_spacing(sampler, eta, spacing)
         B = len(prompts)
         if seed is not None:                 # per-image generators: an image reproduces at any batch size
             generator = [torch.Generator().manual_seed(int(seed) + i) for i in range(B)]
         model = self.denoiser(prompts, negative_prompt, float(guidance_scale), height, width)
 
-        ts = self._timesteps(solver, steps, timesteps, strength if init_image is not None else 1.0, spacing)
+        ts = self._timesteps(sampler, steps, timesteps, strength if init_image is not None else 1.0, spacing)
         f = self.latent_factor
         shape = (B, self.unet.in_channels, height // f, width // f)
         z0 = None
@@ -281,26 +279,11 @@ class Pipeline:
         x = latents.to(self.device, torch.float32)
         if z0 is not None:                    # img2img: noise the image latent to the first timestep
             x = self.schedule.alpha(ts[0]) * z0 + self.schedule.sigma(ts[0]) * x
-        elif solver == "euler" and spacing in ("trailing", "linspace"):   # diffusers' Euler starts these
-            x = x * self.schedule.sigma(ts[0]).float()   # grids at sigma_max eps: z_T = sigma_T eps
+        elif sampler.start is not None:
+            x = sampler.start(x, ts[0], self.schedule, spacing)
         bar = tqdm(total=len(ts), disable=not progress, desc=f"{solver} {len(ts)} steps", leave=False)
-        step_done = lambda *_: bar.update(1)
-
-        if solver == "lcm":                   # f_theta(z, t) = c_skip z + c_out x0_hat
-            out = lcm_solver.sample_lcm(self.spec.consistency_fn(model.x0), x, ts, self.schedule,
-                                        generator=generator, callback=step_done)
-        elif solver == "tcd":                 # TCF(1) to s' = floor((1 - gamma) tau_{i+1}), re-noise
-            out = tcd_solver.sample_tcd(model.x0_eps, x, ts, self.schedule, gamma=eta, generator=generator,
-                                        callback=step_done)
-        elif solver in ("ddim", "pcm"):       # PCM: deterministic DDIM jumps between phase edges
-            out = ddim.sample_ddim(model.eps, x, ts, self.schedule, eta=eta, generator=generator,
-                                   callback=step_done)
-        elif solver == "euler":               # Euler in sigma-space = DDIM ending at sigma = 0
-            out = ddim.sample_ddim(model.eps, x, ts, self.schedule, callback=step_done, t_final=None)
-        elif solver == "dpmsolver++":
-            out = dpm_solver.sample_dpmpp_2m(model.eps, x, ts, self.schedule, callback=step_done)
-        else:
-            out = dpm_solver.sample_dpm_solver(model.eps, x, ts, self.schedule, order=2, callback=step_done)
+        opts = samplers.Options(self.spec, eta, spacing, generator, callback=lambda *_: bar.update(1))
+        out = sampler.run(model, x, ts, self.schedule, opts)
         bar.close()
         return self._output(out, output)
 
@@ -327,46 +310,38 @@ class Pipeline:
         return denoiser(self.unet, self.prediction_type, self.schedule, vec(cond),
                         None if uncond is None else vec(uncond), s, w, self.dtype)
 
-    def _check_eta_spacing(self, solver: str, eta, spacing) -> float:
-        """The solver's eta (None: its default), checked; spacing only where a solver has one."""
-        if eta is not None and solver not in DEFAULT_ETA and float(eta) != 0.0:
-            raise ValueError(f"eta={eta} applies to solver=ddim (DDIM's eta) or solver=tcd (TCD's gamma), "
-                             f"not solver={solver}")
-        eta = float(DEFAULT_ETA.get(solver, 0.0) if eta is None else eta)
+    def _check_eta_spacing(self, sampler: samplers.Sampler, eta, spacing) -> float:
+        """The sampler's eta (None: its default), checked; spacing only where a sampler has one."""
+        takes_eta = sorted(n for n, r in samplers.SAMPLERS.items() if r.eta is not None)
+        if eta is not None and sampler.eta is None and float(eta) != 0.0:
+            raise ValueError(f"eta={eta} applies to " + " or ".join(f"solver={n}" for n in takes_eta) +
+                             f" (DDIM's eta, TCD's gamma), not solver={sampler.name}")
+        eta = float((sampler.eta or 0.0) if eta is None else eta)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if spacing is not None and (spacing not in SPACINGS or solver in FEW_STEP):
-            raise ValueError(f"spacing={spacing!r}: solver={solver} " + (
-                "takes its grid from the weights' spec (no spacing)" if solver in FEW_STEP
-                else f"spaces its timesteps by one of {', '.join(SPACINGS)}"))
-        if solver in FEW_STEP and (sp := self.spec).objective != solver and self._lcm_lora_active():
+        if spacing is not None and (spacing not in samplers.SPACINGS or sampler.few_step):
+            raise ValueError(f"spacing={spacing!r}: solver={sampler.name} " + (
+                "takes its grid from the weights' spec (no spacing)" if sampler.few_step
+                else f"spaces its timesteps by one of {', '.join(samplers.SPACINGS)}"))
+        if sampler.few_step and (sp := self.spec).objective != sampler.name and self._lcm_lora_active():
             log.warning("the active adapter was distilled with %s; sample it with solver=%s, not %s",
-                        sp.objective.upper(), sp.objective, solver)
+                        sp.objective.upper(), sp.objective, sampler.name)
         return eta
 
-    def _timesteps(self, solver, steps, timesteps, strength, spacing=None) -> list[int]:
+    def _timesteps(self, sampler: samplers.Sampler, steps, timesteps, strength, spacing=None) -> list[int]:
         if timesteps is not None:
             ts = [int(t) for t in timesteps]
             if any(a <= b for a, b in zip(ts, ts[1:])) or not all(0 <= t < 1000 for t in ts):
                 raise ValueError(f"timesteps must be strictly descending integers in [0, 999], got {ts}")
-            if solver in ("lcm", "tcd") and not on_lcm_grid(ts, self.spec.num_ddim_timesteps):
+            if sampler.k_grid and not on_lcm_grid(ts, self.spec.num_ddim_timesteps):
                 log.warning("timesteps %s are not all on the %d-point LCM training grid", ts,
                             self.spec.num_ddim_timesteps)
             return ts
-        if solver in ("lcm", "tcd"):         # the LCM / TCD schedulers' rule on the k-grid
-            if self._lcm_lora_active() and steps > 8:
-                log.warning("LCM-LoRA is distilled for 1-8 steps; %d steps rarely helps", steps)
-            return lcm_timesteps(steps, self.spec.num_ddim_timesteps, strength=strength)
-        if solver == "pcm":                  # the phase-exact grid: [999, 739, 499, 239] for 4 steps
-            if (m := self.spec.phases) and steps % m and m % steps:
-                log.warning("PCM weights with %d phases sampled in %d steps cross phase edges mid-phase", m, steps)
-            ts = pcm_timesteps(steps, self.spec.num_ddim_timesteps)
-        elif spacing == "trailing":          # Hyper-SD / SDXL-Lightning cards: [999, 749, 499, 249]
-            ts = spaced_timesteps(steps, "trailing")
-        elif solver in ("ddim", "euler"):    # the SD release's DDIM config: leading, offset 1
-            ts = spaced_timesteps(steps, spacing or "leading", steps_offset=1 if spacing in (None, "leading") else 0)
-        else:                                # DPM-Solver(++) as diffusers' multistep scheduler
-            ts = spaced_timesteps(steps, spacing or "linspace", convention="dpm")
+        if sampler.steps_hint and steps > sampler.steps_hint and self._lcm_lora_active():
+            log.warning("LCM-LoRA is distilled for 1-%d steps; %d steps rarely helps", sampler.steps_hint, steps)
+        ts = sampler.grid(steps, self.spec, spacing, strength)
+        if sampler.k_grid:                   # the k-grid rule cuts for img2img itself
+            return ts
         if strength < 1.0:                   # img2img: start part-way down the same list
             k = min(int(steps * strength), steps)
             if k < 1:
@@ -433,8 +408,7 @@ class Pipeline:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
         warn_control_characters(prompts)
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        sampler = samplers.get(solver)
         if timesteps is None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if not (0.0 <= float(s) <= 30.0):
@@ -452,6 +426,6 @@ class Pipeline:
         check_memory(self, len(prompts), int(height), int(width), output, s)
         if init_image is not None:
             check_init_image(init_image, len(prompts), int(height), int(width))
-        if solver == "lcm" and self._lcm_lora_active() and s > 2.0:
-            log.warning("LCM-LoRA with guidance_scale %.1f > 2 tends to burn or blacken images; "
-                        "the guidance is distilled in, use 1.0-2.0", s)
+        if sampler.guidance_hint and self._lcm_lora_active() and s > sampler.guidance_hint:
+            log.warning("LCM-LoRA with guidance_scale %.1f > %g tends to burn or blacken images; "
+                        "the guidance is distilled in, use 1.0-%g", s, sampler.guidance_hint, sampler.guidance_hint)

@@ -63,7 +63,7 @@ def test_resume_does_not_regenerate_finished_batches(tmp_path):
     fresh = run_grid(Counted(), methods, prompts, ms(), str(tmp_path / "fresh"), batch_size=2, progress=False)
     assert [r["tiny_fid"] for r in rows] == pytest.approx([r["tiny_fid"] for r in fresh], rel=1e-6)
     assert [r["nfe"] for r in rows] == [4, 1, 2]
-    assert pipe._adapter_scales()["lcm"] == 1.0                # restored after the teacher rows
+    assert pipe.adapter_scales()["lcm"] == 1.0                # restored after the teacher rows
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lcm.sampling import infotext
+from lcm.sampling import infotext, samplers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")
@@ -147,7 +147,7 @@ def test_sd_parsers_reads_every_png(runs):
         assert info is not None and info.generator.name == "AUTOMATIC1111", path
         ours = infotext.parse_infotext(params(path))
         sampler, = info.samplers
-        assert sampler.name == infotext.SAMPLER_NAMES[ours["Solver"]]
+        assert sampler.name == samplers.get(ours["Solver"]).a1111
         assert {k: sampler.parameters[k] for k in ("steps", "cfg_scale", "seed")} == \
             {"steps": ours["Steps"], "cfg_scale": ours["CFG scale"], "seed": ours["Seed"]}
         assert info.metadata["Size"] == "64x64"
@@ -222,7 +222,7 @@ def test_fair_grid_teacher_row_is_a_plain_run_without_the_lcm_lora(runs):
     g = infotext.parse_infotext(params(grid_path))
     assert g["Grid rows"] == "lcm 2 steps NFE 2 CFG 1 | ddim 2 steps NFE 4 CFG 7.5 no LCM-LoRA"
     pipe, = runs["pipes"]
-    assert pipe._adapter_scales() == {"lcm": 1.0, "demo_style_lora": 0.8}
+    assert pipe.adapter_scales() == {"lcm": 1.0, "demo_style_lora": 0.8}
     assert Image.open(grid_path).text["parameters"].split("\n")[-1].startswith("Steps: 2, Sampler: LCM")
 
 

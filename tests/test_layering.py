@@ -47,3 +47,45 @@ def test_core_does_not_import_demo_or_oracles(path):
     bad = [f"{path.relative_to(ROOT)}:{line}: {name}" for line, name in imported_modules(path)
            if name.split(".")[0] in FORBIDDEN]
     assert not bad, "core modules must not import " + ", ".join(FORBIDDEN) + ":\n" + "\n".join(bad)
+
+
+def _module_of(path: pathlib.Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def test_no_import_cycle_among_core_modules():
+    """No cycle in the import graph of lcm/, models/, solvers/, counting imports inside functions and
+    under TYPE_CHECKING (a lazy import must not hide one); a package's __init__ counts as a module."""
+    files = {_module_of(p): p for p in core_files()}
+    graph = {}
+    for mod, path in files.items():
+        targets = set()
+        for _, name in imported_modules(path):
+            parts = name.split(".")                       # `from a.b import c`: a.b.c if a module, else a.b
+            for n in range(len(parts), 0, -1):
+                if ".".join(parts[:n]) in files:
+                    targets.add(".".join(parts[:n]))
+                    break
+        parents = {".".join(t.split(".")[:n]) for t in targets for n in range(1, t.count(".") + 1)}
+        targets |= {p for p in parents if p in files and not mod.startswith(p + ".")}   # their __init__ runs first
+        graph[mod] = targets - {mod}
+    for mod, path in files.items():                       # `from pkg import mod` names a submodule
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in files:
+                graph[mod] |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in files} - {mod}
+    state, stack = {}, []
+
+    def visit(m):                                         # depth-first search; a grey node met again closes a cycle
+        state[m] = "grey"
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == "grey":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(t):] + [t]))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = "black"
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)

@@ -3,7 +3,8 @@ checked on the Gaussian-data PF-ODE, where the exact step is known (solvers/gaus
 import pytest
 import torch
 
-from lcm.objectives.distill import TEACHER_SOLVERS, teacher_estimate
+from lcm.objectives.distill import teacher_estimate
+from lcm.sampling.samplers import TEACHER_SOLVERS
 from models.text import Conditioning
 from solvers.gaussian import GaussianData
 from solvers.schedule import Schedule

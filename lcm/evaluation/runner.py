@@ -74,8 +74,7 @@ def method_scales(pipe, base: dict, method: Method) -> dict:
     """Adapter scales for a method: the loaded ones, LCM-style adapters at 0 for a teacher, then its own."""
     scales = dict(base)
     if method.teacher:
-        lcm_like = [n for n in scales if n == "lcm" or n in getattr(pipe, "adapter_specs", {})]
-        scales |= {n: 0.0 for n in lcm_like}
+        scales |= {n: 0.0 for n in scales if pipe.is_lcm_style(n)}
     unknown = sorted(set(method.lora_scales) - set(scales))
     if unknown:
         raise ValueError(f"method {method.name!r}: lora_scales names {unknown}, but the loaded adapters are "
@@ -133,11 +132,12 @@ def _save_images(images: torch.Tensor, folder: str, start: int, infotexts: list[
 def image_infotext(method: Method, steps: int, prompt: str, seed: int, size: tuple[int, int], png_info: dict) -> str:
     """One evaluation image's A1111 infotext: its sampler settings, seed and size, plus png_info
     (what every image shares: Model, Model hash, loras as (name, scale, hash))."""
-    from lcm.sampling.infotext import SAMPLER_NAMES, format_infotext
+    from lcm.sampling.infotext import format_infotext
+    from lcm.sampling.samplers import get
     scales = dict(png_info.get("lora_scales") or {}) | {k: float(v) for k, v in method.lora_scales.items()}
     loras = [(n, scales.get(a, 1.0), h) for a, n, h in png_info.get("loras", [])
              if scales.get(a, 1.0) != 0.0 and not (method.teacher and a in png_info.get("lcm_like", ()))]
-    return format_infotext({"prompt": prompt, "Steps": steps, "Sampler": SAMPLER_NAMES.get(method.solver, method.solver),
+    return format_infotext({"prompt": prompt, "Steps": steps, "Sampler": get(method.solver).a1111,
                             "CFG scale": method.guidance_scale, "Seed": seed, "Size": f"{size[0]}x{size[1]}",
                             "Model hash": png_info.get("Model hash"), "Model": png_info.get("Model"),
                             "loras": loras, "Solver": method.solver, "Eta": method.eta, "Spacing": method.spacing,
@@ -172,7 +172,7 @@ def run_grid(pipe, methods: list[Method], prompts: PromptSet, metrics: MetricSet
     metrics.options.setdefault("cache_dir", out_dir)
     metrics.build()                                   # weights and references load before any sampling
     N, B = len(prompts), int(batch_size)
-    base = pipe._adapter_scales() if hasattr(pipe, "_adapter_scales") else {}
+    base = pipe.adapter_scales() if hasattr(pipe, "adapter_scales") else {}
     cells = [(m, int(s)) for m in methods for s in m.steps]
     bar = tqdm(total=len(cells) * ((N + B - 1) // B), desc="evaluate", disable=not progress)
     rows = []

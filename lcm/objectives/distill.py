@@ -17,9 +17,8 @@ from torch import nn
 
 from lcm.consistency import f_theta
 from lcm.denoiser import unet_net_fn
+from lcm.sampling import samplers
 from models.text import Conditioning
-from solvers.ddim import ddim_from_x0_eps
-from solvers.dpm_solver import dpm_solver_step, dpmpp_2s_step
 from solvers.schedule import Schedule
 from solvers.wrappers import GuidedModel, to_x0
 
@@ -71,34 +70,21 @@ def draw_points(z: torch.Tensor, schedule: Schedule, k: int, generator):
 #----------------------------------------------------------------------------
 # "Produce z_hat_{t_n}": the swappable step (LCD: a teacher solver step Psi; LCF: same-noise estimate).
 
-TEACHER_SOLVERS = {                                          # Psi -> guided teacher UNet calls per step
-    "ddim": 2,                                               # cond + uncond at t_{n+k} (one batched pass)
-    "dpmsolver": 4,                                          # DPM-Solver-2 (singlestep, r1 = 1/2): 2 + 2 at the midpoint
-    "dpmsolver++": 4,                                        # DPM-Solver++(2S) (data form, r1 = 1/2): 2 + 2
-}
-
-
 def check_teacher_solver(solver: str) -> str:
-    """A valid teacher solver Psi name (train.teacher_solver), else a one-line error."""
-    if solver not in TEACHER_SOLVERS:
-        raise ValueError(f"train.teacher_solver must be one of {', '.join(TEACHER_SOLVERS)}, got {solver!r}")
-    return solver
+    """A valid teacher solver Psi name (a record of lcm.sampling.samplers with a psi step), else a one-line error."""
+    return samplers.teacher_solver(solver).name
 
 
 def teacher_estimate(teacher_fn: NetFn, schedule: Schedule, prediction_type: str, solver: str = "ddim") -> EstimateFn:
     """LCD: one step of the PF-ODE solver Psi on the frozen teacher from t_{n+k} to t_n (Algorithm 1,
     line 6), integrating the guided model (1 + w) out(c) - w out(uncond) (docs/method.md Sec. 9): CFG
     is applied inside every solver evaluation, the midpoint's included. ddim is the reference."""
-    check_teacher_solver(solver)
-    step = {"dpmsolver": dpm_solver_step, "dpmsolver++": dpmpp_2s_step}.get(solver)
+    psi = samplers.teacher_solver(solver).psi
 
     @torch.no_grad()
     def estimate(z_nk, t_nk, t_n, z, eps, cond, uncond, w):
         model = guided(teacher_fn, cond, uncond, w, schedule, prediction_type, guidance_scale=1.0 + w)
-        if step is None:                                     # DDIM: one batched pass over [cond; uncond]
-            x0_w, eps_w = model.x0_eps(z_nk, t_nk)
-            return ddim_from_x0_eps(x0_w, eps_w, t_n, schedule)
-        return step(model.eps, z_nk, t_nk, t_n, schedule, order=2)[0]
+        return psi(model, z_nk, t_nk, t_n, schedule)
     return estimate
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from lcm.objectives.distill import (EstimateFn, NetFn, _draw, check_teacher_solver, distance, draw_points, guided)
+from lcm.objectives.distill import EstimateFn, NetFn, _draw, distance, draw_points, guided
+from lcm.sampling import samplers
 from models.text import Conditioning
 from solvers.ddim import ddim_from_x0_eps
-from solvers.dpm_solver import dpm_solver_step, dpmpp_2s_step
 from solvers.schedule import Schedule, expand_as, pcm_edges, pcm_phase_starts
 from solvers.wrappers import GuidedModel
 
@@ -98,15 +98,12 @@ def unguided_teacher_estimate(teacher_fn: NetFn, schedule: Schedule, prediction_
                               solver: str = "ddim") -> EstimateFn:
     """PCM without CFG in the solver (the reference's --not_apply_cfg_solver: uncond := cond): one step of
     Psi on the conditional teacher alone, one UNet pass of B per evaluation (ddim: 1, dpmsolver(++): 2)."""
-    check_teacher_solver(solver)
-    step = {"dpmsolver": dpm_solver_step, "dpmsolver++": dpmpp_2s_step}.get(solver)
+    psi = samplers.teacher_solver(solver).psi
 
     @torch.no_grad()
     def estimate(z_nk, t_nk, t_n, z, eps, cond, uncond, w):
         model = guided(teacher_fn, cond, None, w, schedule, prediction_type)   # s = 1: cond only
-        if step is None:
-            return ddim_jump(model, z_nk, t_nk, t_n, schedule)
-        return step(model.eps, z_nk, t_nk, t_n, schedule, order=2)[0]
+        return psi(model, z_nk, t_nk, t_n, schedule)
     return estimate
 
 

@@ -19,9 +19,6 @@ import json
 import os
 import re
 
-# Our solver names -> A1111's sampler names (k-diffusion / webui). Ours stays in an extra `Solver:` field.
-SAMPLER_NAMES = {"lcm": "LCM", "tcd": "TCD", "pcm": "PCM", "ddim": "DDIM", "euler": "Euler",
-                 "dpmsolver": "DPM2", "dpmsolver++": "DPM++ 2M"}
 KEY = re.compile(r"\w[\w \-/]+")                                   # A1111's key pattern
 PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')   # modules/infotext_utils.py re_param
 LORA_TAG = re.compile(r" ?<lora:([^:<>]+):([^<>]*)>")

@@ -14,6 +14,7 @@ from lcm.evaluation.metrics import MetricSet, load_plugins
 from lcm.evaluation.prompts import PromptSet, load_prompts
 from lcm.evaluation.report import markdown
 from lcm.evaluation.runner import Method, atomic_write, run_grid
+from lcm.sampling import samplers
 
 
 
@@ -36,7 +37,7 @@ def validate(pipe, objective, cfg, prompts: list, size: int, teacher_rows: list)
     ddim = dict(solver="ddim", steps=cfg.val_teacher_steps, guidance_scale=cfg.val_teacher_guidance)
     rows, spec = [], objective.spec or pipe.spec
     with sampling(pipe, objective.target, spec=spec) as p, objective.target_ctx():   # EMA, else the student
-        if objective.sampler == "ddim":
+        if not samplers.get(objective.sampler).few_step:    # a diffusion objective: DDIM at the teacher's CFG
             rows.append((f"ddim {cfg.val_teacher_steps} s={cfg.val_teacher_guidance}", grid(p, **ddim)))
         else:
             guidance = cfg.val_guidance or ([1.0, 1.5] if objective.lora_name else [8.5])
@@ -53,9 +54,9 @@ def validate(pipe, objective, cfg, prompts: list, size: int, teacher_rows: list)
 def grid_infotext(rows: list, prompts: list, cfg, size: int, step: int, model: str | None) -> str:
     """A1111 infotext of a validation grid (lcm/sampling/infotext.py): its first row's settings, every row's label,
     the prompts and seeds of its columns, the training step; the model by file name only."""
-    from lcm.sampling.infotext import SAMPLER_NAMES, format_infotext, stem
+    from lcm.sampling.infotext import format_infotext, stem
     solver, steps, s = rows[0][0].removeprefix("teacher ").split()
-    return format_infotext({"prompt": prompts[0], "Steps": int(steps), "Sampler": SAMPLER_NAMES.get(solver, solver),
+    return format_infotext({"prompt": prompts[0], "Steps": int(steps), "Sampler": samplers.get(solver).a1111,
                             "CFG scale": float(s.removeprefix("s=")), "Seed": int(cfg.val_seeds[0]) * 1000,
                             "Size": f"{size}x{size}", "Model": stem(model) if model else None,
                             "Grid rows": " | ".join(lbl for lbl, _ in rows),
@@ -111,7 +112,7 @@ def validation_metrics(pipe, objective, cfg, prompts: list[str], size: int, logg
     ps = (load_prompts(src, opts.get("n_prompts"), int(opts.get("seeds_per_prompt", 1)), int(opts.get("seed", 0)))
           if src else PromptSet(tuple(p for p in prompts for _ in range(int(opts.get("seeds_per_prompt", 1)))),
                                 int(opts.get("seed", 0))))
-    if objective.sampler == "ddim":                   # a diffusion objective: its own DDIM at the teacher's CFG
+    if not samplers.get(objective.sampler).few_step:  # a diffusion objective: its own DDIM at the teacher's CFG
         method = Method("ddim", "ddim", [cfg.val_teacher_steps], float(cfg.val_teacher_guidance))
     else:
         s = opts.get("guidance") or (cfg.val_guidance or ([1.0] if objective.lora_name else [8.5]))[0]

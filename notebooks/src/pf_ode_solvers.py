@@ -212,7 +212,8 @@ CELLS = [
     lines are the median over the grid.
     """),
     code("""
-    from lcm.objectives.distill import TEACHER_SOLVERS, teacher_estimate
+    from lcm.objectives.distill import teacher_estimate
+    from lcm.sampling.samplers import TEACHER_SOLVERS
     from models.text import Conditioning
 
 
