@@ -6,7 +6,7 @@ scripts), teacher = the frozen original UNet; z_hat_{t_n} is one guided step of 
 """
 from __future__ import annotations
 
-from lcm.objectives.base import ConsistencyObjective
+from lcm.objectives.consistency import ConsistencyObjective
 from lcm.objectives.distill import check_teacher_solver, teacher_estimate
 
 

@@ -8,7 +8,7 @@ DPM-Solver-2 / DPM-Solver++(2S); docs/method.md Sec. 3, line 6 and Sec. 9).
 """
 from __future__ import annotations
 
-from lcm.objectives.base import ConsistencyObjective
+from lcm.objectives.consistency import ConsistencyObjective
 from lcm.objectives.distill import check_teacher_solver, teacher_estimate
 
 

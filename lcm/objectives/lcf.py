@@ -5,7 +5,7 @@ z_{t_{n+k}}. On a LoRA (e.g. continuing an LCM-LoRA on new data: objective.lora.
 """
 from __future__ import annotations
 
-from lcm.objectives.base import ConsistencyObjective
+from lcm.objectives.consistency import ConsistencyObjective
 from lcm.objectives.distill import same_noise_estimate
 
 

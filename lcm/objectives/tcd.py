@@ -11,7 +11,7 @@ carries ConsistencySpec(objective="tcd") and is sampled with solver=tcd (gamma =
 from __future__ import annotations
 
 from lcm.consistency import ConsistencySpec
-from lcm.objectives.base import ConsistencyObjective
+from lcm.objectives.consistency import ConsistencyObjective
 from lcm.objectives.distill import check_teacher_solver, net_fn, teacher_estimate
 from lcm.objectives.distill_phased import tcd_loss
 
