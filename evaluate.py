@@ -5,9 +5,11 @@ demo world's metrics), written to the run dir as results.json, results.md and re
     python evaluate.py n_prompts=16          # quicker
     python evaluate.py --help                # every knob, with its meaning
     python evaluate.py hydra.run.dir=outputs/evaluate/<run>   # resume a killed run (same overrides)
+
+The work is the package's: lcm/evaluation/ (metrics, prompt sets, the resumable grid, the report),
+lcm/sampling/build.py (the pipeline), lcm/sampling/outputs.py (the kept images' infotext fields).
 """
 import hashlib
-import logging
 import os
 
 import hydra
@@ -15,9 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lcm.cli import USER_ERRORS, help_text, preflight_message, run_or_exit
+from lcm.sampling.build import build_pipeline
 
-log = logging.getLogger("evaluate")
-DTYPES = ("float32", "float16", "bfloat16")
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 OPTION_KEYS = ("reference", "inception_weights", "kid_subsets", "kid_subset_size", "clip_model", "clip_pretrained",
                "aesthetic_weights", "aesthetic_clip_pretrained", "aesthetic_clip_model", "demo_evaluator", "demo_n_ref",
@@ -39,22 +40,18 @@ def knobs(*, _root_: DictConfig) -> str:
     return text.replace("$", "$$")
 
 
-def solver_preset(name: str) -> dict:
-    """conf/solver/<name>.yaml: the pipeline solver, its guidance_scale, eta and spacing."""
-    from lcm.sampling.samplers import load_preset
-    return load_preset(CONF, name)
-
-
-def methods_of(items: list):
-    """Method objects from the config's list: preset values first, the method's own keys win."""
+def methods_of(items: list) -> list:
+    """Method objects from the config's list: preset values (conf/solver/<solver>.yaml) first, the
+    method's own keys win."""
     from lcm.evaluation import Method
+    from lcm.sampling.samplers import load_preset
     out = []
     for item in items:
         unknown = sorted(set(item) - set(METHOD_KEYS))
         if unknown or "solver" not in item or "steps" not in item:
             raise ValueError(f"methods entry {item}: needs name, solver and steps; allowed keys {', '.join(METHOD_KEYS)}"
                              + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
-        pre = solver_preset(str(item["solver"]))
+        pre = load_preset(CONF, str(item["solver"]))
         steps = item["steps"] if isinstance(item["steps"], list) else [item["steps"]]
         pick = lambda k, d=None: item[k] if item.get(k) is not None else pre.get(k, d)   # noqa: E731
         out.append(Method(name=str(item.get("name") or item["solver"]), solver=pre["name"],
@@ -67,36 +64,14 @@ def methods_of(items: list):
     return out
 
 
-def build_pipeline(cfg: DictConfig):
-    import torch
-
-    from lcm.pipeline import Pipeline
-    if cfg.model.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")
-    pipe = Pipeline.from_checkpoint(cfg.model.path, device=cfg.model.device, dtype=getattr(torch, cfg.model.dtype),
-                                    prediction_type=cfg.model.prediction_type)
-    pipe.load_loras(OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora else [])
-    return pipe
-
-
-def png_info(cfg: DictConfig, pipe, lora: list) -> dict:
-    """The A1111 infotext fields every saved image shares: model name and hash, LoRAs (no paths)."""
-    from lcm.sampling import infotext
-    entries = [{"path": e} if isinstance(e, str) else dict(e) for e in lora]
-    scales = pipe.adapter_scales()                       # adapters in load order, as load_loras named them
-    names = list(scales)
-    return {"Model": infotext.stem(cfg.model.path), "Model hash": infotext.short_hash(cfg.model.path),
-            "loras": [(a, infotext.stem(e["path"]), infotext.lora_hash(e["path"])) for a, e in zip(names, entries)],
-            "lora_scales": scales,
-            "lcm_like": [a for a in names if pipe.is_lcm_style(a)]}
-
-
 def run(cfg: DictConfig) -> list[dict]:
+    """Evaluate cfg's methods x steps, writing the report into the run dir; returns the result rows."""
     from hydra.core.hydra_config import HydraConfig
 
     from lcm.evaluation import MetricSet, load_plugins, load_prompts, run_grid
     from lcm.evaluation.report import write_report
     from lcm.evaluation.runner import check_grid
+    from lcm.sampling.outputs import png_info
     metrics = list(cfg.metrics)
     plugins = list(cfg.metric_plugins or [])
     if HydraConfig.get().runtime.choices.get("model") == "demo" or any(m.startswith("demo_") for m in metrics) \
@@ -108,8 +83,8 @@ def run(cfg: DictConfig) -> list[dict]:
     options = {k: cfg[k] for k in OPTION_KEYS} | {"device": cfg.model.device}
     out_dir = os.path.abspath(HydraConfig.get().runtime.output_dir)
     ms = MetricSet(metrics, options | {"cache_dir": out_dir}).build()   # weights and references first
-    pipe = build_pipeline(cfg)
     lora = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora else []
+    pipe = build_pipeline(cfg.model, lora, device=cfg.model.device)
     check_grid(out_dir, dict(model=os.path.abspath(cfg.model.path), dtype=cfg.model.dtype, lora=lora,
                              prompts=hashlib.sha1("\n".join(prompts.prompts).encode()).hexdigest(), n=len(prompts),
                              seed=prompts.seed, height=cfg.height, width=cfg.width))
@@ -118,7 +93,7 @@ def run(cfg: DictConfig) -> list[dict]:
     rows = run_grid(pipe, methods, prompts, ms, out_dir, batch_size=int(cfg.batch_size),
                     save_images=bool(cfg.save_images), height=cfg.height, width=cfg.width,
                     on_cell=lambda r: write_report(out_dir, r, config, title, with_plot=False),
-                    png_info=png_info(cfg, pipe, lora) if cfg.save_images else None)
+                    png_info=png_info(cfg.model.path, pipe, lora) if cfg.save_images else None)
     for p in write_report(out_dir, rows, config, title):
         print(p)
     return rows

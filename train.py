@@ -2,7 +2,7 @@
 
     python train.py experiment=smoke                 # tiny model + bundled images, CPU, seconds
     python train.py model=sd15 model.path=/m.safetensors data=folder data.root=/imgs
-    python train.py -m train.k=1,5,20,50             # a sweep, one run dir per job
+    python train.py -m objective.k=1,5,20,50         # a sweep, one run dir per job
     torchrun --nproc_per_node=2 train.py ...         # DDP (gloo on CPU); rank 0 logs and saves
     python train.py hydra.run.dir=<run> resume=true  # continue a run from its newest checkpoint
     python train.py task=encode ... encode.out=/c    # the latent cache of data= (then data=latents data.urls=/c)
@@ -15,11 +15,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from lcm.cli import USER_ERRORS, help_text, missing_value_message, preflight_message, run_or_exit
+from lcm.cli import USER_ERRORS, help_text, preflight_message, renamed_key_message, run_or_exit
+from lcm.sampling.build import build_pipeline
 
 log = logging.getLogger("train")
-DTYPES = ("float32", "float16", "bfloat16")
-ARCH_KEYS = ("family", "text_family", "unet", "vae", "text", "default_size", "randomize")
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 CPU_OVERRIDES = "model.device=cpu model.dtype=float32 train.mixed_precision=no"
 TASKS = ("train", "encode")
@@ -39,35 +38,6 @@ def knobs(*, _root_: DictConfig) -> str:
     return text.replace("$", "$$")                    # the template then goes through string.Template
 
 
-def build_pipeline(model: dict, loras: list | None = None):
-    """A Pipeline from an original checkpoint (model.path) or from architecture kwargs (no path), with
-    `loras` (paths or {path, scale, name}; default: model.lora) loaded frozen."""
-    import torch
-
-    from lcm.pipeline import Pipeline
-    if model.get("dtype", "float32") not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {DTYPES}, got {model['dtype']!r}")
-    dtype = getattr(torch, model.get("dtype", "float32"))
-    if model.get("path") == "???":
-        raise ValueError(missing_value_message("model.path"))
-    if model.get("path"):
-        pipe = Pipeline.from_checkpoint(model["path"], device="cpu", dtype=dtype,
-                                        prediction_type=model.get("prediction_type"))
-    else:
-        missing = [k for k in ("family", "unet", "vae", "text") if not model.get(k)]
-        if missing:
-            raise ValueError(f"model.path is not set, so the model is built from its architecture, but "
-                             f"model.{missing[0]} is missing: set model.path=/path/to/model.safetensors "
-                             "or give model.family/unet/vae/text (see conf/experiment/smoke.yaml)")
-        pipe = Pipeline.from_architecture(**{k: model[k] for k in ARCH_KEYS if k in model}, dtype=dtype,
-                                          prediction_type=model.get("prediction_type"),
-                                          seed=int(model.get("seed", 0)))
-    pipe.load_loras(model.get("lora") if loras is None else loras)
-    for p in [*pipe.unet.parameters(), *pipe.vae.parameters(), *pipe.text.parameters()]:
-        p.requires_grad_(False)
-    return pipe
-
-
 def run_dir_of(dist) -> str:
     """One output dir for all processes: Hydra's dir on rank 0, broadcast to the others."""
     from hydra.core.hydra_config import HydraConfig
@@ -79,12 +49,34 @@ def run_dir_of(dist) -> str:
 
 
 def train_config(train: dict):
-    """The loop's TrainConfig from cfg.train; the rest of cfg.train are the objective's knobs, which
-    conf/objective/*.yaml reads as ${train.<key>} (so train.k etc. work as documented)."""
-    from dataclasses import fields
-
+    """The loop's TrainConfig from cfg.train (the objective's knobs are cfg.objective)."""
     from lcm.training.loop import TrainConfig
-    return TrainConfig(**{f.name: train[f.name] for f in fields(TrainConfig) if f.name in train})
+    return TrainConfig(**train)
+
+
+def validation_config(validation: dict, model: dict):
+    """cfg.validation; its prompts default to the model preset's."""
+    from lcm.training.validation import ValidationConfig
+    v = ValidationConfig(**validation)
+    if v.prompts is None and model.get("prompts"):
+        v.prompts = list(model["prompts"])
+    return v
+
+
+def optimizer_factory(cfg: DictConfig):
+    """cfg.optimizer (a Hydra _partial_): params, lr -> optimizer; a missing package is a one-line error."""
+    target = cfg.optimizer.get("_target_", "")
+    module = target.split(".")[0]
+    import importlib.util
+    if module and importlib.util.find_spec(module) is None:
+        raise ValueError(f"optimizer={group_choice('optimizer')} needs the package {module} "
+                         f"(pip install {module}); or use optimizer=adamw")
+    return instantiate(cfg.optimizer)
+
+
+def group_choice(group: str) -> str:
+    from hydra.core.hydra_config import HydraConfig
+    return HydraConfig.get().runtime.choices.get(group)
 
 
 def sweep_name() -> str | None:
@@ -102,7 +94,7 @@ def overrides() -> list[str]:
 
 
 def instantiate(node):
-    """hydra.utils.instantiate, with a constructor's own error (e.g. a bad train.loss) raised as is."""
+    """hydra.utils.instantiate, with a constructor's own error (e.g. a bad objective.loss) raised as is."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as _instantiate
     try:
@@ -161,20 +153,18 @@ def run(cfg: DictConfig) -> dict:
     run_dir = run_dir_of(dist)
     config = OmegaConf.to_container(cfg, resolve=True)
     objective = instantiate(cfg.objective)
-    pipe = build_pipeline(config["model"], config.get("lora"))
-    if (config.get("vae") or {}).get("tiny"):             # validation decodes with TAESD (training encodes with the VAE)
-        pipe.load_tiny_vae(config["vae"]["tiny"])
+    pipe = build_pipeline(config["model"], config.get("lora"),    # validation decodes with vae.tiny if given
+                          tiny=(config.get("vae") or {}).get("tiny") or None)
     data = build_data(cfg, pipe)
     tcfg = train_config(config["train"])
+    vcfg = validation_config(config["validation"], config["model"])
     logger = instantiate(cfg.logger)
     sweep = sweep_name()
     if sweep and logger.group is None:                    # a multirun: its jobs are one wandb group
         logger.group = sweep
     config["overrides"] = overrides()
-    if tcfg.val_prompts is None and config["model"].get("prompts"):
-        tcfg.val_prompts = list(config["model"]["prompts"])
     result = train(pipe, data, tcfg, run_dir, objective, logger, cfg.resume, config, dist,
-                   save_base=not config["model"].get("path"))
+                   save_base=not config["model"].get("path"), validation=vcfg, optimizer=optimizer_factory(cfg))
     if dist.rank == 0:
         print(result["export"] if result["status"] == "done" else f"stopped at step {result['step']}: {run_dir}")
     return result
@@ -192,6 +182,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if msg := renamed_key_message(sys.argv[1:]):
+        print(f"train.py: error: {msg}", file=sys.stderr)
+        sys.exit(2)
     if int(os.environ.get("RANK", 0)) > 0:       # one run dir, chosen on rank 0 (hydra#2070)
         sys.argv += ["hydra.run.dir=.", "hydra/job_logging=stdout"]
     OmegaConf.register_new_resolver("knobs", knobs)

@@ -11,7 +11,7 @@ Model (bytes per parameter; P = UNet, P_s = student = P + the w-embedding, L = L
 - frozen base / teacher: 4 (fp32) or 2 (train.frozen_storage=bfloat16 / float16).
 - DDP replicates everything and keeps a second fp32 copy of the gradients in its buckets (4).
 - LCM-LoRA (objective=lcd_lora, mu = 0 as the reference): one UNet = base + LoRA; no EMA
-  (train.lora_ema_decay adds 4 L). DDP: s P + 20 L.
+  (objective.ema_decay adds 4 L). DDP: s P + 20 L.
 - full LCD (objective=lcd): student + gradients + AdamW + EMA target (4+4+8+4 = 20 P_s) + teacher s P.
   DDP: 24 P_s + s P. FSDP: (20 P_s + s P) / N sharded, plus the working set of the unit being run:
   its gathered parameters (bf16 under train.mixed_precision=bf16: 2) and unsharded gradients before

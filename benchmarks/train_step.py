@@ -53,10 +53,11 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 #----------------------------------------------------------------------------
-# Ours: lcm.objectives.distill.lcd_loss over models.unet + models.lora.
+# Ours: lcm.objectives.losses.lcd_loss over models.unet + models.lora.
 
 def ours_step(args):
-    from lcm.objectives.distill import lcd_loss, teacher_ddim_estimate
+    from lcm.objectives.losses import lcd_loss
+    from lcm.objectives.teacher import teacher_estimate
     from lcm.training.loop import TrainConfig, make_optimizer
     from models.lora import adapters_disabled, inject_lora
     from models.text import Conditioning
@@ -82,7 +83,7 @@ def ours_step(args):
     def teacher(*a):
         with adapters_disabled(unet):
             return net(*a)
-    estimate = teacher_ddim_estimate(teacher, schedule, "epsilon")
+    estimate = teacher_estimate(teacher, schedule, "epsilon")
 
     def step(z, ctx, uctx, y, i):
         loss, _ = lcd_loss(net, net, estimate, z, Conditioning(ctx, y=y), Conditioning(uctx, y=y), schedule,

@@ -3,7 +3,7 @@ computes them: `demo_accuracy` (all 5 content attributes of the caption right, b
 evaluator; the CLIP-score stand-in) and `demo_fd` (Frechet distance of the evaluator's features
 against `demo_n_ref` real plain images of world seed 1; the FID stand-in). Also the prompt set
 `demo`: demo.bench's fixed_prompt_set(n, seed=0). Importing this module registers them
-(evaluate.py does for model=demo or a demo_* metric; training: train.val_metric_options.plugins)."""
+(evaluate.py does for model=demo or a demo_* metric; training: validation.metric_options.plugins)."""
 from __future__ import annotations
 
 import functools

@@ -3,8 +3,8 @@ guidance range and the LoRA rank, as a table and the LCM paper's figure form.
 
     # train (Hydra multiruns, one run dir per job; commands and wall time in docs/demo_sweep.md)
     python train.py -m experiment=demo_lcm_lora train.max_steps=200 train.checkpoint_every=50 \
-        train.teacher_solver=ddim,dpmsolver,dpmsolver++ train.k=1,5,10,20,50 \
-        hydra.sweep.dir=outputs/sweep/psi_k 'hydra.sweep.subdir="psi_${train.teacher_solver}_k${train.k}"'
+        objective.teacher_solver=ddim,dpmsolver,dpmsolver++ objective.k=1,5,10,20,50 \
+        hydra.sweep.dir=outputs/sweep/psi_k 'hydra.sweep.subdir="psi_${objective.teacher_solver}_k${objective.k}"'
     # evaluate every finished run (its checkpoints at 4 LCM steps, its final LoRA at 1/2/4/8 steps),
     # writing <run>/eval.json (runs already evaluated are skipped), then build the report
     python -m demo.sweep evaluate outputs/sweep/psi_k outputs/sweep/w outputs/sweep/rank
@@ -53,9 +53,11 @@ def runs_in(folders: list[str]) -> list[dict]:
             with open(cfg_path) as f:
                 cfg = json.load(f)
             t = cfg["train"]
-            out.append(dict(run=run, sweep=os.path.basename(os.path.normpath(folder)), lora=lora, k=t["k"],
-                            psi=t.get("teacher_solver", "ddim"), w=(t["w_min"], t["w_max"]),
-                            mu=t.get("lora_ema_decay"), rank=_lora(cfg)["rank"], alpha=_lora(cfg)["alpha"],
+            o = cfg["objective"] if "k" in cfg.get("objective", {}) else t    # older runs kept the knobs in train
+            mu = o.get("ema_decay") if o is not t else t.get("lora_ema_decay")
+            out.append(dict(run=run, sweep=os.path.basename(os.path.normpath(folder)), lora=lora, k=o["k"],
+                            psi=o.get("teacher_solver", "ddim"), w=(o["w_min"], o["w_max"]),
+                            mu=mu, rank=_lora(cfg)["rank"], alpha=_lora(cfg)["alpha"],
                             steps_trained=t["max_steps"]))
     return out
 

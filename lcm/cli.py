@@ -70,6 +70,36 @@ def run_or_exit(prog: str, fn: Callable[[], object], debug: bool, errors: tuple 
         sys.exit(2)
 
 #----------------------------------------------------------------------------
+# Config keys that moved: the objective's knobs to objective.*, validation to validation.*, the
+# optimizer to its own group. An old key on the command line is a one-line error naming the new one.
+
+RENAMED = {f"train.{k}": f"objective.{k}" for k in (
+    "k", "w_min", "w_max", "w_fixed", "loss", "huber_c", "teacher_solver", "ema_decay", "w_embedding_dim",
+    "p_uncond", "lora_scale", "train_text_encoder")} | {
+    "train.lora_ema_decay": "objective.ema_decay (objective=lcf: objective.lora_ema_decay)",
+    "train.validate_every": "validation.every", "train.val_prompts": "validation.prompts",
+    "train.val_seeds": "validation.seeds", "train.val_steps": "validation.steps",
+    "train.val_guidance": "validation.guidance", "train.val_teacher_steps": "validation.teacher_steps",
+    "train.val_teacher_guidance": "validation.teacher_guidance", "train.val_metrics": "validation.metrics",
+    "train.val_metric_options": "validation.metric_options", "train.betas": "optimizer.betas",
+    "train.adam_eps": "optimizer.eps", "train.weight_decay": "optimizer.weight_decay",
+    "train.optimizer": "the optimizer group (optimizer=adamw | optimizer=adamw8bit)",
+    "train=lora_distill_sdxl": "train=lora_distill objective.w_min=3.0 (or experiment=sdxl_lcm_lora)",
+    "train=lcf": "train=lora_distill (objective=lcf holds its ema_decay)"}
+
+
+def renamed_key_message(args: list[str]) -> str | None:
+    """A one-line error for the first command-line override that uses a moved key, else None."""
+    for a in args:
+        key = a.lstrip("+~").split("=", 1)[0]
+        for old, new in RENAMED.items():
+            if (a.lstrip("+~").startswith(old + ".") or (("=" in old) and a.lstrip("+~") == old)
+                    or ("=" not in old and key == old)):
+                return f"{old} was renamed: use {new} (README, python train.py --help)"
+    return None
+
+
+#----------------------------------------------------------------------------
 # yaml comments -> meanings. The config files are the source of truth: a key's meaning is the
 # trailing `# ...` of its line, else the comment line right above it. Hydra drops comments, so the
 # files are read here line by line (block mappings; flow values and list items are values).

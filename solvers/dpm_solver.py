@@ -23,7 +23,7 @@ def _coefs(schedule: Schedule, t: TimeLike | None) -> tuple[float, float, float]
 #----------------------------------------------------------------------------
 # Singlestep DPM-Solver-1/2/3 (DPM-Solver paper Algorithms 1-2; r1 = 1/2 for order 2, 1/3 and
 # 2/3 for order 3), with intermediate times s_i = inverse_lambda(lambda_s + r_i h) passed as float64.
-# Times are () (the samplers) or (B,) per sample (the LCD teacher step Psi, lcm.objectives.distill).
+# Times are () (the samplers) or (B,) per sample (the LCD teacher step Psi, lcm.objectives.teacher).
 
 def _coefs_like(schedule: Schedule, t: torch.Tensor, x: torch.Tensor):
     """(alpha_t, sigma_t, lambda_t) as float64 tensors of t's shape, and `c`: coefficient -> x's dtype,

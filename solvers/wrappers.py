@@ -2,9 +2,11 @@
 
 Solver contract: model_fn(x, t) -> eps_hat or x0_hat, x (B, ...), t a 0-dim CPU tensor: int64 on
 the integer grid, float64 at DPM-Solver's continuous intermediate points (or (B,) per sample in
-training). The network contract (lcm.denoiser builds it for a UNet):
+training). The network contract (lcm.denoiser.unet_net builds it for a UNet):
 
-    net_fn(x, t, with_uncond) -> raw output (eps, v or x0)
+    NetFn     net(x, t, cond, w) -> raw output (eps, v or x0) (B, ...); cond a models.text.Conditioning
+              of the batch, w (B,) the LCM guidance of w-embedding networks (or None)
+    BranchFn  net_fn(x, t, with_uncond) -> raw output, a NetFn with its cond / uncond bound (lcm.denoiser.guided)
         with_uncond=False: x (B, ...), conditional branch only        (one pass, s == 1)
         with_uncond=True:  x (2B, ...) = cat([x, x]); returns cat([cond, uncond])  (s != 1)
 
@@ -13,14 +15,15 @@ validation and the LCD teacher all go through it, so the solver tests certify th
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .schedule import Schedule, TimeLike, expand_as
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-NetFn = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+NetFn = Callable[[torch.Tensor, torch.Tensor, Any, Any], torch.Tensor]    # net(x, t, cond, w), e.g. lcm.denoiser.unet_net
+BranchFn = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]     # net_fn(x, t, with_uncond)
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -76,7 +79,7 @@ def lcm_w(guidance_scale: float) -> float:
     return guidance_scale - 1.0
 
 
-def guided_output(net_fn: NetFn, x: torch.Tensor, t: torch.Tensor, guidance_scale: float | torch.Tensor = 1.0
+def guided_output(net_fn: BranchFn, x: torch.Tensor, t: torch.Tensor, guidance_scale: float | torch.Tensor = 1.0
                   ) -> torch.Tensor:
     """Raw output with CFG (B, ...): one pass (B) at a scalar s == 1, one batched pass (2B) otherwise.
     t: () or (B,); guidance_scale: a float, or (B,) per sample (the LCD teacher's w + 1)."""
@@ -93,7 +96,7 @@ class GuidedModel:
     """What every solver and the LCD teacher call: eps_hat / x0_hat of the guided network at (x, t).
     x0 comes from the raw output directly (v: x0 = alpha z - sigma v), not through eps."""
 
-    def __init__(self, net_fn: NetFn, prediction_type: str, schedule: Schedule,
+    def __init__(self, net_fn: BranchFn, prediction_type: str, schedule: Schedule,
                  guidance_scale: float | torch.Tensor = 1.0):
         _check(prediction_type)
         self.net_fn, self.prediction_type, self.schedule, self.s = net_fn, prediction_type, schedule, guidance_scale
@@ -117,11 +120,11 @@ class GuidedModel:
                 to_eps(out, x, t, self.schedule, self.prediction_type))
 
 
-def make_eps_fn(net_fn: NetFn, prediction_type: str, schedule: Schedule, guidance_scale: float = 1.0) -> ModelFn:
+def make_eps_fn(net_fn: BranchFn, prediction_type: str, schedule: Schedule, guidance_scale: float = 1.0) -> ModelFn:
     """model_fn(x, t) -> guided eps_hat (B, ...), for DDIM and DPM-Solver(++)."""
     return GuidedModel(net_fn, prediction_type, schedule, guidance_scale).eps
 
 
-def make_x0_fn(net_fn: NetFn, prediction_type: str, schedule: Schedule, guidance_scale: float = 1.0) -> ModelFn:
+def make_x0_fn(net_fn: BranchFn, prediction_type: str, schedule: Schedule, guidance_scale: float = 1.0) -> ModelFn:
     """model_fn(x, t) -> guided x0_hat (B, ...), the input of f_theta for LCM."""
     return GuidedModel(net_fn, prediction_type, schedule, guidance_scale).x0

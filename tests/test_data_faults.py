@@ -173,7 +173,7 @@ def test_training_on_a_faulty_folder_logs_skipped_samples(tmp_path):
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "train.py", "experiment=smoke", "data=folder", f"data.root={data}",
                         "data.resolution=32", "train.max_steps=2", "train.batch_size=4", "train.log_every=1",
-                        "train.validate_every=0", "logger=none", f"hydra.run.dir={run}"],
+                        "validation.every=0", "logger=none", f"hydra.run.dir={run}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from lcm.consistency import guidance_embedding
-from lcm.objectives.distill import (diffusion_loss, distance, draw_points, lcd_loss, model_target, same_noise_estimate,
-                         teacher_ddim_estimate)
+from lcm.denoiser import unet_net
+from lcm.objectives.diffusion import diffusion_loss, model_target
+from lcm.objectives.losses import distance, draw_points, lcd_loss
+from lcm.objectives.teacher import same_noise_estimate, teacher_estimate
 from models.lora import adapters_disabled, inject_lora
 from models.text import Conditioning
 from models.unet import UNetModel
@@ -101,7 +103,7 @@ def test_loss_matches_hand_written_algorithm_1(mode, pred, loss):
         t_unet = randomized(copy.deepcopy(s_unet), 4, std=0.01)
         student, target, teacher = net(s_unet, True), net(t_unet, True), net(base, False)
     kw = dict(k=20, w_min=5.0, w_max=15.0, loss=loss, huber_c=1e-3, prediction_type=pred)
-    ours, diag = lcd_loss(student, target, teacher_ddim_estimate(teacher, SCHEDULE, pred), z, cond, uncond,
+    ours, diag = lcd_loss(student, target, teacher_estimate(teacher, SCHEDULE, pred), z, cond, uncond,
                           SCHEDULE, torch.Generator().manual_seed(5), **kw)
     t_nk, t_n, u, eps = draw_points(z, SCHEDULE, 20, torch.Generator().manual_seed(5))
     w = (5.0 + 10.0 * u).float()
@@ -150,6 +152,26 @@ def test_teacher_pass_is_the_base_model():
     assert (on - off).abs().max() > 1e-3
 
 
+def test_unet_net_feeds_w_to_a_wrapped_student():
+    """A DDP-wrapped full-LCM student (the UNet in .module) still gets its w-embedding, in unet_net."""
+    base = randomized(UNetModel(**TINY, time_cond_proj_dim=256), 3)
+
+    class Wrapped(torch.nn.Module):                             # DDP's layout: no time_cond_proj_dim of its own
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *a, **kw):
+            return self.module(*a, **kw)
+    z, cond, _ = inputs()
+    t, w = torch.tensor([999, 499, 19]), torch.tensor([2.0, 5.0, 9.0])
+    with torch.no_grad():
+        ref = net(base, True)(z, t, cond, w)
+        assert torch.equal(unet_net(base)(z, t, cond, w), ref)
+        assert torch.equal(unet_net(Wrapped(base))(z, t, cond, w), ref)           # before: "timestep_cond is required"
+        assert (unet_net(Wrapped(base))(z, t, cond, w + 3.0) - ref).abs().max() > 1e-4   # w reaches the UNet
+
+
 def test_lcf_estimate_shares_the_noise_of_z_nk():
     z, cond, uncond = inputs()
     t_nk, t_n, _, eps = draw_points(z, SCHEDULE, 20, torch.Generator().manual_seed(1))
@@ -164,7 +186,7 @@ def test_lcf_estimate_shares_the_noise_of_z_nk():
 def test_per_sample_generators_make_losses_batch_independent():
     unet = lora_unet()
     z, cond, uncond = inputs(B=4)
-    est = teacher_ddim_estimate(net(unet, False), SCHEDULE, "epsilon")
+    est = teacher_estimate(net(unet, False), SCHEDULE, "epsilon")
     gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]
     with torch.no_grad():
         full, _ = lcd_loss(net(unet, False), net(unet, False), est, z, cond, uncond, SCHEDULE, gens(range(4)))

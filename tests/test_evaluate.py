@@ -145,10 +145,10 @@ def test_clip_score_is_100_times_the_clamped_cosine_of_open_clip(tmp_path):
 
 
 def test_validation_metrics_are_logged_against_the_training_step(tmp_path):
-    """train.val_metrics: the objective's sampler at val_steps every validate_every steps -> metrics.jsonl."""
+    """validation.metrics: the objective's sampler at validation.steps every validation.every steps -> metrics.jsonl."""
     from tests.test_trainer import LORA, data, metrics, small, tiny_pipe, train
-    setup = small(max_steps=4, validate_every=2, val_metrics=["tiny_fid"], val_steps=[1, 2],
-                  val_metric_options={"n_prompts": None, "batch_size": 2})
+    setup = small(max_steps=4, validation=dict(every=2, metrics=["tiny_fid"], steps=[1, 2],
+                                               metric_options={"n_prompts": None, "batch_size": 2}))
     train(tiny_pipe(), data(), setup, str(tmp_path), LORA)
     logged = [m for m in metrics(str(tmp_path)) if "val/tiny_fid_1steps" in m]
     assert [m["step"] for m in logged] == [2, 4]

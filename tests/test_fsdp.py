@@ -17,8 +17,8 @@ from lcm.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_MODEL = OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "conf/experiment/smoke.yaml")).model)
-COMMON = ["experiment=smoke_lcd", "train.max_steps=4", "train.validate_every=0", "train.checkpoint_every=2",
-          "train.log_every=1", "train.loss=l2", "logger=none"]
+COMMON = ["experiment=smoke_lcd", "train.max_steps=4", "validation.every=0", "train.checkpoint_every=2",
+          "train.log_every=1", "objective.loss=l2", "logger=none"]
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -57,7 +57,7 @@ def phases(out: str) -> None:
     rank 0 samples the gathered EMA target and teacher), then `resumed` from two's step-2 checkpoint
     (what a run stopped after 2 steps leaves) to step 4, in a new run dir."""
     fsdp = [*COMMON, "train.batch_size=2", "train.distributed=fsdp"]
-    run_in_process([*fsdp, "train.validate_every=4", f"hydra.run.dir={out}/two"])
+    run_in_process([*fsdp, "validation.every=4", f"hydra.run.dir={out}/two"])
     run_in_process([*fsdp, f"hydra.run.dir={out}/resumed", f"resume={out}/two/checkpoints/step_0000002"])
 
 
@@ -129,7 +129,7 @@ def single_process_lcd():
     cfg = loop.TrainConfig(lr=1e-5, batch_size=2)
     pipe, obj = build_pipeline(SMOKE_MODEL), LCD(lora=None, ema_decay=0.95)
     loop.place(pipe, obj, cfg, distributed.Dist())
-    return pipe, obj, loop.make_optimizer([p for _, p in obj.trainables], cfg)
+    return pipe, obj, loop.make_optimizer(obj, cfg).single
 
 
 def same_optimizer_state(a: dict, b: dict) -> bool:

@@ -195,12 +195,12 @@ def test_from_png_regenerates_the_image_pixel_for_pixel(runs):
 
 @pytest.mark.slow
 def test_from_png_names_a_lora_missing_from_the_config(runs):
-    import sample as sample_py
+    from lcm.sampling.png import read_png
     with pytest.raises(ValueError, match=r"LoRA 'demo_style_lora' .*not in this config's lora list; pass lora=\["):
         sample(runs["tmp"] / "missing", f"from_png={runs['plain'][0]}")           # the demo list: LCM-LoRA only
     grid = next(p for p in runs["grid"] if "grid" in os.path.basename(p))
     with pytest.raises(ValueError, match="grid image"):
-        sample_py.read_png(grid)
+        read_png(grid)
 
 
 @pytest.mark.slow
@@ -249,29 +249,29 @@ def test_vae_tiny_decodes_differently(runs):
 def test_from_png_rule_command_line_keys_win():
     """apply_png: the PNG's solver settings come along unless given (or another solver is chosen);
     a given key keeps its value."""
-    import sample as sample_py
+    from lcm.sampling.from_png import apply_png
     info = infotext.parse_infotext(infotext.format_infotext(
         {"prompt": "p", "Steps": 2, "Sampler": "TCD", "CFG scale": 1.5, "Seed": 9, "Size": "64x128",
          "Solver": "tcd", "Eta": 0.5, "Spacing": None, "Timesteps": [999, 499]}))
     with composed("seed=3") as cfg:
-        got = sample_py.apply_png(cfg, info, {"seed"})
+        got = apply_png(cfg, info, {"seed"})
         assert (got.solver.name, got.steps, got.timesteps, got.guidance_scale, got.solver.eta) == \
             ("tcd", 2, [999, 499], 1.5, 0.5)
         assert (got.seed, got.prompt, got.width, got.height, got.negative_prompt) == (3, "p", 64, 128, None)
         assert [e["scale"] for e in got.lora] == [0.0]            # the demo LCM-LoRA: not named in the PNG
     with composed("solver=ddim") as cfg:
-        got = sample_py.apply_png(cfg, info, {"solver"})           # another solver: its preset
+        got = apply_png(cfg, info, {"solver"})                     # another solver: its preset
         assert (got.solver.name, got.steps, got.timesteps, got.guidance_scale, got.solver.eta) == \
             ("ddim", 50, None, 7.5, None)
     with composed("solver=tcd", "steps=6") as cfg:
-        got = sample_py.apply_png(cfg, info, {"solver", "steps"})  # the same solver: the PNG's, but steps
+        got = apply_png(cfg, info, {"solver", "steps"})            # the same solver: the PNG's, but steps
         assert (got.steps, got.timesteps, got.solver.eta) == (6, None, 0.5)
 
 
 @pytest.mark.slow
 def test_nfe_label_counts_unet_evaluations(runs):
     """The grid's NFE = UNet evaluations per image, counted on the UNet, for every solver, CFG on/off."""
-    import sample as sample_py
+    from lcm.sampling.grid import Row, nfe
     pipe = runs["pipes"][0]
     seen = [0]
     hook = pipe.unet.register_forward_pre_hook(lambda m, a: seen.__setitem__(0, seen[0] + a[0].shape[0]))
@@ -280,7 +280,7 @@ def test_nfe_label_counts_unet_evaluations(runs):
                 [("lcm", 1.0), ("dpmsolver", 1.0)]:
             seen[0] = 0
             pipe([P1], steps=2, guidance_scale=s, solver=solver, seed=0, progress=False, output="latent")
-            assert seen[0] == sample_py.nfe(pipe, sample_py.Row(solver, 2, s, None, None, {}, False)), (solver, s)
+            assert seen[0] == nfe(pipe, Row(solver, 2, s, None, None, {}, False)), (solver, s)
     finally:
         hook.remove()
 
@@ -291,7 +291,7 @@ def test_training_validation_grid_carries_infotext(tmp_path):
     from sd_parsers import ParserManager
 
     from tests.test_trainer import LORA, data, small, tiny_pipe, train
-    setup = small(max_steps=2, validate_every=2, val_steps=[1], val_guidance=[1.0])
+    setup = small(max_steps=2, validation=dict(every=2, steps=[1], guidance=[1.0]))
     train(tiny_pipe(), data(), setup, str(tmp_path), LORA, config={"model": {"path": str(tmp_path / "tiny.safetensors")}})
     png, = (tmp_path / "validation").glob("step_*.png")
     text = Image.open(png).text["parameters"]

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 
 def _args(experiment: str, run_dir: str, resume: bool) -> list[str]:
-    return [sys.executable, "train.py", f"experiment={experiment}", "logger=none", "train.validate_every=0",
+    return [sys.executable, "train.py", f"experiment={experiment}", "logger=none", "validation.every=0",
             "train.checkpoint_every=1", f"train.max_steps={STEPS}", "train.log_every=1",
             f"hydra.run.dir={run_dir}", f"resume={'true' if resume else 'false'}"]
 

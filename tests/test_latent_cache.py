@@ -19,6 +19,7 @@ from lcm.objectives.base import LoRAConfig
 from lcm.objectives.lcd_lora import LCDLoRA
 from lcm.training import loop
 from lcm.training.loop import TrainConfig
+from lcm.training.validation import ValidationConfig
 from train import build_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,9 +79,9 @@ def test_cache_equals_what_the_image_path_computes(world):
 
 def _train(dataset, run_dir: str, steps: int = 4):
     pipe = build_pipeline(SMOKE_MODEL)
-    cfg = TrainConfig(max_steps=steps, batch_size=3, lr=1e-3, log_every=1, checkpoint_every=100, validate_every=steps,
-                      val_steps=[1], val_teacher_steps=2, val_guidance=[1.0])
-    out = loop.train(pipe, dataset, cfg, run_dir, LCDLoRA(lora=LoRAConfig(rank=4, alpha=4)))
+    cfg = TrainConfig(max_steps=steps, batch_size=3, lr=1e-3, log_every=1, checkpoint_every=100)
+    v = ValidationConfig(every=steps, steps=[1], teacher_steps=2, guidance=[1.0])
+    out = loop.train(pipe, dataset, cfg, run_dir, LCDLoRA(lora=LoRAConfig(rank=4, alpha=4)), validation=v)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return out, rows, load_file(out["export"])
@@ -127,7 +128,7 @@ def test_cli_encode_then_train_on_latents(world, tmp_path):
     a, b = LatentShards(out), LatentShards(world["out"])              # other unit size, same samples
     for i in range(8):
         close(a.get(i)["mean"], b.get(i)["mean"], "mean")
-    r = cli.run(cfg_of(["data=latents", f"data.urls={out}", "train.max_steps=2", "train.validate_every=0",
+    r = cli.run(cfg_of(["data=latents", f"data.urls={out}", "train.max_steps=2", "validation.every=0",
                         f"hydra.run.dir={tmp_path}/train"]))
     assert r["status"] == "done" and os.path.isfile(r["export"])
     with pytest.raises(ValueError, match="data.crop=center"):

@@ -26,7 +26,7 @@ def test_portable_keeps_file_names_of_a_nested_config(tmp_path):
                      "lora": [{"path": "~/loras/papercut.safetensors", "scale": 0.8}, f"{run}/lcm.safetensors"]},
            "data": {"root": "/data/imgs/", "local": "tests/fixtures/tiny_data",      # relative, under the checkout
                     "urls": "pipe:curl -s https://host/shards/{000..009}.tar", "win": "C:\\Users\\me\\m.safetensors"},
-           "overrides": [f"hydra.run.dir={run}", "lora=[/w/a.safetensors,/w/b.safetensors]", "train.k=20",
+           "overrides": [f"hydra.run.dir={run}", "lora=[/w/a.safetensors,/w/b.safetensors]", "objective.k=20",
                          "model.lora=[{path: /w/lcm.safetensors, name: lcm}]"],
            "note": f"resumed from {run}/checkpoints/step_0000002",
            "prompts": ["a red circle / a blue square", "outputs/not/a/file"], "steps": [1, 2], "seed": None}
@@ -35,7 +35,7 @@ def test_portable_keeps_file_names_of_a_nested_config(tmp_path):
                              "lora": [{"path": "papercut.safetensors", "scale": 0.8}, "lcm.safetensors"]},
                    "data": {"root": "imgs", "local": "tiny_data",
                             "urls": "pipe:curl -s https://host/shards/{000..009}.tar", "win": "m.safetensors"},
-                   "overrides": ["hydra.run.dir=run", "lora=[a.safetensors,b.safetensors]", "train.k=20",
+                   "overrides": ["hydra.run.dir=run", "lora=[a.safetensors,b.safetensors]", "objective.k=20",
                                  "model.lora=[{path: lcm.safetensors, name: lcm}]"],
                    "note": "resumed from checkpoints/step_0000002",
                    "prompts": ["a red circle / a blue square", "outputs/not/a/file"], "steps": [1, 2], "seed": None}
@@ -60,7 +60,7 @@ def test_shared_outputs_name_no_directories(tmp_path):
     sweep, images = tmp_path / "sweep", tmp_path / "images"   # job 0: smoke (LoRA + base), job 1: smoke_lcd (full)
     shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "tiny_data"), images)
     _run("train.py", "-m", "experiment=smoke,smoke_lcd", "train.max_steps=2", "train.batch_size=2",
-         "train.checkpoint_every=2", "train.validate_every=2", "train.val_steps=[1]", "train.val_teacher_steps=2",
+         "train.checkpoint_every=2", "validation.every=2", "validation.steps=[1]", "validation.teacher_steps=2",
          "logger=none", "data=tiny", f"data.root={images}", f"hydra.sweep.dir={sweep}")
     lora_run, full_run = sweep / "0", sweep / "1"
     lora, base = lora_run / "lcm.safetensors", lora_run / "base.safetensors"

@@ -157,7 +157,7 @@ def test_finished_run_without_an_export_in_its_checkpoint_says_so(tmp_path):
 def _writer_code(out_dir: str, tag: str, n: int) -> str:
     return f"""
         from PIL import Image
-        from sample import free_path, save_png
+        from lcm.sampling.png import free_path, save_png
         for i in range(n := {n}):
             img = Image.new("RGB", (8, 8), (i % 256, 0, 0))
             path = free_path({out_dir!r}, "img")
@@ -213,7 +213,7 @@ def test_two_sample_py_processes_on_one_folder(tmp_path):
 
 
 def _train(run: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", "experiment=smoke", "logger=none", "train.validate_every=0",
+    return subprocess.run([sys.executable, "train.py", "experiment=smoke", "logger=none", "validation.every=0",
                            "train.max_steps=4", "train.checkpoint_every=2", f"hydra.run.dir={run}", *extra],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
@@ -243,7 +243,7 @@ def test_train_py_resume_of_a_finished_run_is_complete_and_re_exports(tmp_path):
 @pytest.mark.slow
 def test_train_py_second_run_on_a_busy_run_dir_is_refused(tmp_path):
     run = str(tmp_path / "run")
-    first = subprocess.Popen([sys.executable, "train.py", "experiment=smoke", "logger=none", "train.validate_every=0",
+    first = subprocess.Popen([sys.executable, "train.py", "experiment=smoke", "logger=none", "validation.every=0",
                               "train.max_steps=100000", "train.checkpoint_every=1000", f"hydra.run.dir={run}"],
                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -18,7 +18,7 @@ def test_two_job_multirun_logs_one_wandb_group_and_reports(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     cmd = [sys.executable, "train.py", "-m", "experiment=demo_lcm_lora", "logger=wandb", "train.max_steps=2",
            "train.batch_size=2", "train.checkpoint_every=1", "data.length=8", "objective.lora.rank=4",
-           "objective.lora.alpha=4", "train.k=20,50", f"hydra.sweep.dir={sweep}"]
+           "objective.lora.alpha=4", "objective.k=20,50", f"hydra.sweep.dir={sweep}"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     runs = sorted(glob.glob(str(sweep / "*" / "config.json")))
@@ -27,7 +27,7 @@ def test_two_job_multirun_logs_one_wandb_group_and_reports(tmp_path):
         run = os.path.dirname(cfg_path)
         info = json.load(open(os.path.join(run, "wandb_run.json")))
         assert info["group"] == "mysweep" and info["mode"] == "offline"
-        assert f"train.k={k}" in json.load(open(cfg_path))["overrides"]
+        assert f"objective.k={k}" in json.load(open(cfg_path))["overrides"]
         files = glob.glob(os.path.join(run, "wandb", "offline-run-*", f"run-{info['id']}.wandb"))
         assert len(files) == 1 and b"mysweep" in open(files[0], "rb").read()    # the group is in the run record
         assert json.load(open(os.path.join(run, "summary.json")))["final_step"] == 2

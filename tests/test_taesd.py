@@ -192,8 +192,8 @@ def test_train_validation_grids_decode_with_vae_tiny(tmp_path):
     for tiny in (None, os.path.join(ROOT, "assets", "demo_taesd_decoder.safetensors")):
         run = tmp_path / ("tiny" if tiny else "full")
         args = [sys.executable, "train.py", "experiment=demo_lcm_lora", "train.max_steps=1", "train.batch_size=2",
-                "data.length=4", "train.validate_every=1", "train.val_steps=[1]", "train.val_guidance=[1.0]",
-                "train.val_teacher_steps=2", "logger=none", f"hydra.run.dir={run}"] + ([f"vae.tiny={tiny}"] if tiny else [])
+                "data.length=4", "validation.every=1", "validation.steps=[1]", "validation.guidance=[1.0]",
+                "validation.teacher_steps=2", "logger=none", f"hydra.run.dir={run}"] + ([f"vae.tiny={tiny}"] if tiny else [])
         res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stderr[-2000:]
         path, = (run / "validation").glob("step_*.png")

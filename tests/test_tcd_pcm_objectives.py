@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lcm.objectives.distill import teacher_estimate
-from lcm.objectives.distill_phased import pcm_loss, pcm_phase_edge, tcd_loss, unguided_teacher_estimate
+from lcm.objectives.losses import draw_points, draw_tcd_s, pcm_loss, pcm_phase_edge, tcd_loss
 from lcm.objectives.pcm import PCM
 from lcm.objectives.tcd import TCD
+from lcm.objectives.teacher import teacher_estimate, unguided_teacher_estimate
 from models.lora import adapters_disabled, inject_lora
 from models.text import Conditioning
 from models.unet import UNetModel
@@ -188,8 +188,6 @@ def test_tcd_target_is_z_hat_where_s_is_t_n():
 
 def test_tcd_draws_lcd_points_and_s_on_the_grid():
     z, _, _ = inputs(64)
-    from lcm.objectives.distill import draw_points
-    from lcm.objectives.distill_phased import draw_tcd_s
     g = torch.Generator().manual_seed(3)
     t_nk, t_n, _, _ = draw_points(z, S, K, g)
     s = draw_tcd_s(t_nk, K, g)
@@ -205,12 +203,13 @@ def test_pcm_edges_for_every_grid_point(M):
     if M == 4:
         assert starts == [0, 12, 25, 37]
     t_nk = torch.tensor(GRID)
-    edge, is_start = pcm_phase_edge(t_nk, K, M)
+    edge = pcm_phase_edge(t_nk, K, M)
+    t_n = (t_nk - K).clamp(min=0)
     for i in range(N):
         idx = max(s for s in starts if s <= i)
-        assert edge[i] == (GRID[idx - 1] if idx else 0) and is_start[i] == (i == idx)
-    t_n = (t_nk - K).clamp(min=0)
-    assert (edge <= t_n).all() and torch.equal(is_start, edge == t_n)                 # start <=> t_n is the edge
+        assert edge[i] == (GRID[idx - 1] if idx else 0)
+        assert (edge[i] == t_n[i]) == (i == idx)                                     # start <=> t_n is the edge
+    assert (edge <= t_n).all()
     if M == 1:
         assert (edge == 0).all()
     if M == 4:
@@ -227,11 +226,11 @@ def test_pcm_loss_matches_hand_written_step(pred, loss, M):
     ours, diag = pcm_loss(student, student, teacher_estimate(teacher, S, pred), z, cond, uncond, S, gens(seeds),
                           phases=M, k=K, loss=loss, prediction_type=pred)
     ref, edge = pcm_reference(student, student, teacher, z, cond, uncond, seeds, pred, loss, starts)
-    assert torch.equal(diag["edge"], edge)
+    assert torch.equal(diag["s"], edge)
     if M == 1:
         assert (edge == 0).all()                                # one jump to t = 0: f = alpha_0 x0 + sigma_0 eps
     else:
-        assert diag["edge"][0] == diag["t_n"][0] > 0 and diag["edge"][1] < diag["t_n"][1]
+        assert diag["s"][0] == diag["t_n"][0] > 0 and diag["s"][1] < diag["t_n"][1]
     assert ours.requires_grad and (ours.detach().double() - ref).abs().max() <= TOL, (ours, ref)
 
 
@@ -245,7 +244,7 @@ def test_pcm_target_is_z_hat_at_a_phase_start():
     with torch.no_grad():
         a, diag = pcm_loss(student, junk, est, z, cond, uncond, S, gens(seeds), phases=4, loss="l2")
         b, _ = pcm_loss(student, zero, est, z, cond, uncond, S, gens(seeds), phases=4, loss="l2")
-    assert diag["edge"].tolist() == [499, 499] and diag["t_n"].tolist() == [499, 599]
+    assert diag["s"].tolist() == [499, 499] and diag["t_n"].tolist() == [499, 599]
     assert a[0] == b[0] and a[1] > b[1] + 1.0
 
 
@@ -323,7 +322,7 @@ def test_objectives_need_a_lora_and_sane_knobs():
 def _train(tmp_path, *args):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     r = subprocess.run([sys.executable, "train.py", "experiment=smoke", "train.max_steps=2", "train.batch_size=2",
-                        "train.validate_every=0", f"hydra.run.dir={tmp_path}", *args], cwd=ROOT, env=env,
+                        "validation.every=0", f"hydra.run.dir={tmp_path}", *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     path = r.stdout.strip().splitlines()[-1]
@@ -332,10 +331,10 @@ def _train(tmp_path, *args):
 
 
 def test_cli_two_steps_export_the_spec(tmp_path):
-    path, spec, keys = _train(tmp_path / "tcd", "objective=tcd", "train.lora_ema_decay=0.9")
+    path, spec, keys = _train(tmp_path / "tcd", "objective=tcd", "objective.ema_decay=0.9")
     assert path.endswith("tcd.safetensors") and spec["objective"] == "tcd" and spec["phases"] is None
     assert spec["num_ddim_timesteps"] == 50 and any(k.endswith(".lora_down.weight") for k in keys)
     path, spec, _ = _train(tmp_path / "pcm", "objective=pcm", "objective.phases=2", "objective.cfg_solver=false",
-                           "train.k=50")
+                           "objective.k=50")
     assert path.endswith("pcm.safetensors") and (spec["objective"], spec["phases"], spec["num_ddim_timesteps"]) == (
         "pcm", 2, 20)

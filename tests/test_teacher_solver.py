@@ -1,9 +1,9 @@
-"""The teacher solver Psi of LCD (train.teacher_solver): one guided solver step from t_{n+k} to t_n,
+"""The teacher solver Psi of LCD (objective.teacher_solver): one guided solver step from t_{n+k} to t_n,
 checked on the Gaussian-data PF-ODE, where the exact step is known (solvers/gaussian.py)."""
 import pytest
 import torch
 
-from lcm.objectives.distill import teacher_estimate
+from lcm.objectives.teacher import teacher_estimate
 from lcm.sampling.samplers import TEACHER_SOLVERS
 from models.text import Conditioning
 from solvers.gaussian import GaussianData
@@ -74,6 +74,6 @@ def test_dpm_solver_2_is_its_midpoint_form_with_cfg_inside():
 
 
 def test_unknown_solver_names_the_knob():
-    with pytest.raises(ValueError, match="train.teacher_solver must be one of ddim, dpmsolver, dpmsolver"):
+    with pytest.raises(ValueError, match="objective.teacher_solver must be one of ddim, dpmsolver, dpmsolver"):
         teacher_estimate(gauss_net(DATA), S, "epsilon", "heun")
     assert set(TEACHER_SOLVERS) == {"ddim", "dpmsolver", "dpmsolver++"}

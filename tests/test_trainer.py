@@ -22,7 +22,7 @@ from lcm.runs import checkpoints as run_ckpts
 from lcm.runs import state as run_state
 from lcm.training import loop
 from lcm.training.loop import TrainConfig, make_optimizer
-from lcm.training.validation import validate
+from lcm.training.validation import ValidationConfig, validate
 from train import build_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,18 +44,19 @@ OBJECTIVES = {                                             # mode -> (class, its
 }
 
 
-def small(mode: str = "lcm_lora", **kw) -> tuple[TrainConfig, str, dict]:
-    """A short run's loop config, and the objective's mode and knobs (as train.* would give them)."""
-    base = dict(max_steps=4, batch_size=2, lr=1e-3, log_every=1, checkpoint_every=2, validate_every=0,
-                val_steps=[1, 2], val_teacher_steps=2, val_guidance=[1.0])
+def small(mode: str = "lcm_lora", validation: dict | None = None, **kw) -> tuple:
+    """A short run's loop config, the objective's mode and knobs (as objective.* gives them) and the
+    validation config (validation.*; off unless `every` is given)."""
+    base = dict(max_steps=4, batch_size=2, lr=1e-3, log_every=1, checkpoint_every=2)
     knobs = {k: kw.pop(k) for k in list(kw) if k not in TrainConfig.__dataclass_fields__}
-    return TrainConfig(**{**base, **kw}), mode, knobs
+    v = ValidationConfig(**{"every": 0, "steps": [1, 2], "teacher_steps": 2, "guidance": [1.0], **(validation or {})})
+    return TrainConfig(**{**base, **kw}), mode, knobs, v
 
 
 def objective(mode: str, lora, **knobs):
     cls, allowed = OBJECTIVES[mode]
     assert set(knobs) <= set(allowed), (mode, knobs)
-    if "lora_ema_decay" in knobs and cls is LCDLoRA:        # LCDLoRA's own mu is train.lora_ema_decay
+    if "lora_ema_decay" in knobs and cls is LCDLoRA:        # LCDLoRA's own mu is objective.ema_decay
         knobs["ema_decay"] = knobs.pop("lora_ema_decay")
     return cls(lora=lora, **knobs)
 
@@ -69,8 +70,8 @@ def build_roles(pipe, mode: str, lora, **knobs):
 
 def train(pipe, dataset, setup, run_dir, lora, **kw):
     """lcm.training.loop.train with the objective that small()'s mode and knobs describe."""
-    cfg, mode, knobs = setup
-    return loop.train(pipe, dataset, cfg, run_dir, objective(mode, lora, **knobs), **kw)
+    cfg, mode, knobs, v = setup
+    return loop.train(pipe, dataset, cfg, run_dir, objective(mode, lora, **knobs), validation=v, **kw)
 
 
 def data():
@@ -92,25 +93,24 @@ def test_presets_match_users_md_sec9():
     from hydra import compose, initialize_config_dir
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         lora = compose("train", overrides=["train=lora_distill"])
-        sdxl = compose("train", overrides=["train=lora_distill_sdxl"]).train
+        sdxl = compose("train", overrides=["experiment=sdxl_lcm_lora"])
         full = compose("train", overrides=["train=full_distill", "objective=lcd"])
-    t, l = lora.train, lora.objective.lora
-    assert (lora.objective._target_, t.lr, l.rank, l.alpha, t.loss, t.huber_c) == (
+    t, o, l, opt = lora.train, lora.objective, lora.objective.lora, lora.optimizer
+    assert (o._target_, t.lr, l.rank, l.alpha, o.loss, o.huber_c) == (
         "lcm.objectives.lcd_lora.LCDLoRA", 1e-4, 64, 64, "huber", 1e-3)
-    assert (t.w_min, t.w_max, t.k, t.batch_size, list(t.betas), t.adam_eps) == (5, 15, 20, 12, [0.9, 0.999], 1e-8)
-    assert (t.weight_decay, t.grad_clip, t.warmup_steps, t.ema_decay, t.w_fixed) == (0, 1.0, 0, None, None)
-    assert (sdxl.w_min, sdxl.w_max, sdxl.lr) == (3, 15, 1e-4)
-    assert (full.objective._target_, full.train.lr, full.train.ema_decay, full.objective.lora) == (
+    assert (o.w_min, o.w_max, o.k, t.batch_size, list(opt.betas), opt.eps) == (5, 15, 20, 12, [0.9, 0.999], 1e-8)
+    assert (opt.weight_decay, t.grad_clip, t.warmup_steps, o.ema_decay, o.w_fixed) == (0, 1.0, 0, None, None)
+    assert (sdxl.objective.w_min, sdxl.objective.w_max, sdxl.train.lr) == (3, 15, 1e-4)
+    assert (full.objective._target_, full.train.lr, full.objective.ema_decay, full.objective.lora) == (
         "lcm.objectives.lcd.LCD", 1e-6, 0.95, None)
-    assert (full.train.w_embedding_dim, full.train.k, full.train.loss) == (256, 20, "huber")
-    o = full.objective                                     # the objective reads the documented train.* names
+    o = full.objective                                     # the objective reads the documented objective.* names
     assert (o.ema_decay, o.k, o.loss, o.w_embedding_dim) == (0.95, 20, "huber", 256)
 
 
 def test_optimizer_holds_only_trainables():
     pipe = tiny_pipe()
     roles = build_roles(pipe, "lcm_lora", LORA)
-    opt = make_optimizer([p for _, p in roles.trainables], small()[0])
+    opt = make_optimizer(roles, small()[0])
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     lora = {id(p) for n, p in pipe.unet.named_parameters() if ".lora_" in n}
     assert held == lora and len(lora) > 0
@@ -118,7 +118,7 @@ def test_optimizer_holds_only_trainables():
     assert all(p.dtype == torch.float32 for _, p in roles.trainables)
     pipe = tiny_pipe()                                      # full LCM: student copy + EMA target + teacher
     roles = build_roles(pipe, "lcd", None, ema_decay=0.95)
-    opt = make_optimizer([p for _, p in roles.trainables], small()[0])
+    opt = make_optimizer(roles, small()[0])
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     assert held == {id(p) for p in roles.student.parameters()}
     assert not held & {id(p) for p in [*roles.target.parameters(), *roles.teacher.parameters()]}
@@ -139,7 +139,9 @@ def test_mode_and_precision_errors():
 @torch.no_grad()
 def held_out_loss(pipe, cfg) -> float:
     """The LCD loss of `pipe` (LoRA or not) on the 8 images x 4 fixed draws."""
-    from lcm.objectives.distill import lcd_loss, net_fn, teacher_ddim_estimate
+    from lcm.denoiser import unet_net as net_fn
+    from lcm.objectives.losses import lcd_loss
+    from lcm.objectives.teacher import teacher_estimate as teacher_ddim_estimate   # ddim is its default
     from models.lora import adapters_disabled
     from models.text import Conditioning as UNetCond
     knobs = cfg[2]
@@ -193,7 +195,7 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 def test_lora_ema_target_mu0_is_the_reference_and_mu_exports_the_average(tmp_path):
-    """train.lora_ema_decay: mu = 0 gives the reference run (target = the student); mu = 0.5
+    """objective.ema_decay: mu = 0 gives the reference run (target = the student); mu = 0.5
     exports the EMA of the online LoRA over the steps, which the pipeline keeps; resume is exact."""
     from safetensors.torch import load_file
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -234,7 +236,7 @@ def test_lora_ema_target_mu0_is_the_reference_and_mu_exports_the_average(tmp_pat
     train(b, data(), small(max_steps=4, lora_ema_decay=0.5), str(tmp_path / "b"), LORA, resume=True)
     assert all(torch.equal(lora_params(b)[k], got[k]) for k in got)
     for mode, mu in (("diffusion", 0.9), ("lcm_lora", 1.0)):
-        with pytest.raises(ValueError, match="train.lora_ema_decay"):
+        with pytest.raises(ValueError, match="objective.(lora_)?ema_decay"):
             train(tiny_pipe(), data(), small(mode=mode, lora_ema_decay=mu), str(tmp_path / "c"), LORA)
 
 
@@ -355,7 +357,7 @@ def test_validation_leaves_params_unchanged(tmp_path):
     roles = build_roles(pipe, cfg[1], LORA)
     roles.student.train()
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    rows = validate(pipe, roles, cfg[0], ["a red circle"], 32, teacher := [])
+    rows = validate(pipe, roles, cfg[3], ["a red circle"], 32, teacher := [])
     assert [lbl for lbl, _ in rows] == ["lcm 1 s=1.0", "lcm 2 s=1.0", "teacher ddim 2 s=7.5"] and len(teacher) == 1
     assert all(r.shape == (1, 3, 32, 32) for _, r in rows)
     after = pipe.unet.state_dict()
@@ -388,7 +390,7 @@ def test_lora_scale_augmentation_draws_a_scale_per_step_and_exports_at_one(tmp_p
     assert {layer.lora_scale["lcm"] for _, layer in lora_layers(pipe.unet)} == {1.0}   # export / sampling at 1
     assert [s.pop() for s in run("b")[1]] == scales                    # drawn from the seed: resumable
     for mode, rng in (("lcm_lora", [0.5, 1.0]), ("diffusion", [1.0, 0.5])):
-        with pytest.raises(ValueError, match="train.lora_scale"):
+        with pytest.raises(ValueError, match="objective.lora_scale"):
             train(tiny_pipe(), data(), small(mode=mode, lora_scale=rng), str(tmp_path / "c"), LORA)
 
 #----------------------------------------------------------------------------
@@ -481,7 +483,7 @@ def test_every_experiment_runs_two_steps(name, tmp_path):
 
     import train as cli
     over = [f"experiment={name}", "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=2",
-            "train.val_steps=[1]", "train.val_teacher_steps=2", "logger=none", f"hydra.run.dir={tmp_path}/run"]
+            "validation.steps=[1]", "validation.teacher_steps=2", "logger=none", f"hydra.run.dir={tmp_path}/run"]
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose("train", overrides=over, return_hydra_config=True)
         if OmegaConf.is_missing(cfg.model, "path"):                       # a real-model recipe: tiny stand-in
@@ -509,15 +511,15 @@ def _cli(args, **kw):
 
 @pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
-    r = _cli(["experiment=smoke", "train.loss=l1", f"hydra.run.dir={tmp_path}/a"])
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("train.py: error: train.loss")
+    r = _cli(["experiment=smoke", "objective.loss=l1", f"hydra.run.dir={tmp_path}/a"])
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("train.py: error: objective.loss")
     r = _cli(["experiment=smoke", "train.no_such_key=1", f"hydra.run.dir={tmp_path}/b"])
     assert r.returncode != 0 and "no_such_key" in r.stderr
 
 
 @pytest.mark.slow
 def test_smoke_lora_loads_in_sample_py(tmp_path):
-    r = _cli(["experiment=smoke", "train.validate_every=0", f"hydra.run.dir={tmp_path}/run"])
+    r = _cli(["experiment=smoke", "validation.every=0", f"hydra.run.dir={tmp_path}/run"])
     assert r.returncode == 0 and r.stdout.strip().endswith("lcm.safetensors"), r.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     s = subprocess.run([sys.executable, "sample.py", f"model.path={tmp_path}/run/base.safetensors",
@@ -529,19 +531,19 @@ def test_smoke_lora_loads_in_sample_py(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_sweep_gives_each_job_its_own_dir(tmp_path):
-    r = _cli(["-m", "experiment=smoke", "train.k=10,50", "train.max_steps=2", "train.validate_every=0",
+    r = _cli(["-m", "experiment=smoke", "objective.k=10,50", "train.max_steps=2", "validation.every=0",
               f"hydra.sweep.dir={tmp_path}/sweep"])
     assert r.returncode == 0, r.stderr[-2000:]
     for job, k in (("0", 10), ("1", 50)):
         with open(tmp_path / "sweep" / job / "config.json") as f:
-            assert json.load(f)["train"]["k"] == k
+            assert json.load(f)["objective"]["k"] == k
         assert os.path.isfile(tmp_path / "sweep" / job / "lcm.safetensors")
 
 
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_continues(tmp_path):
     run = str(tmp_path / "run")
-    args = ["experiment=smoke", "train.max_steps=400", "train.checkpoint_every=1000", "train.validate_every=0",
+    args = ["experiment=smoke", "train.max_steps=400", "train.checkpoint_every=1000", "validation.every=0",
             "train.log_every=1", f"hydra.run.dir={run}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -565,8 +567,8 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     from safetensors.torch import load_file
-    common = ["experiment=smoke", "train.max_steps=3", "train.validate_every=0", "train.checkpoint_every=3",
-              "train.log_every=1", "train.loss=l2"]
+    common = ["experiment=smoke", "train.max_steps=3", "validation.every=0", "train.checkpoint_every=3",
+              "train.log_every=1", "objective.loss=l2"]
     r1 = _cli([*common, "train.batch_size=4", f"hydra.run.dir={tmp_path}/one"])
     assert r1.returncode == 0, r1.stderr[-2000:]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}

@@ -16,6 +16,7 @@ from lcm.data.order import hash_seed
 from lcm.data.sources import ImageColumns, SkipSample, TarShards, expand_urls
 from lcm.data.webshards import WebShards
 from lcm.training import loop
+from lcm.training.validation import ValidationConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,10 +247,10 @@ def test_training_resumed_on_a_stream_equals_an_uninterrupted_run(tmp_path):
     ws = tar_data(f"pipe:cat {tmp_path}/shard-{{000..002}}.tar", resolution=32, shuffle_buffer=4)
 
     def run(name, steps, resume=None):
-        cfg = loop.TrainConfig(max_steps=steps, batch_size=2, lr=1e-3, log_every=1, checkpoint_every=2,
-                                  validate_every=steps, val_steps=[1], val_teacher_steps=2, val_guidance=[1.0])
+        cfg = loop.TrainConfig(max_steps=steps, batch_size=2, lr=1e-3, log_every=1, checkpoint_every=2)
+        v = ValidationConfig(every=steps, steps=[1], teacher_steps=2, guidance=[1.0])
         out = loop.train(build_pipeline(model), ws, cfg, str(tmp_path / name),
-                            LCDLoRA(lora=LoRAConfig(rank=4, alpha=4)), resume=resume)
+                         LCDLoRA(lora=LoRAConfig(rank=4, alpha=4)), resume=resume, validation=v)
         return load_file(out["export"])
     a = run("full", 4)
     b = run("resumed", 4, resume=str(tmp_path / "full" / "checkpoints" / "step_0000002"))

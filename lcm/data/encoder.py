@@ -33,7 +33,7 @@ class LatentEncoder:
         if "mean" in batch:                                 # data=latents: precomputed by task=encode
             if self.train_text:
                 raise ValueError("data=latents holds precomputed text embeddings: it cannot train the text "
-                                 "encoder (train.train_text_encoder=false, or train from images)")
+                                 "encoder (objective.train_text_encoder=false, or train from images)")
             mean, std, ctx = (batch[k].to(self.device) for k in ("mean", "std", "context"))
             pooled = None if batch.get("pooled") is None else batch["pooled"].to(self.device)
         elif self.use_cache:

@@ -36,6 +36,14 @@ class LoRAConfig:
     init_from: str | None = None        # LCF / continue: start from this LoRA file
 
 
+@dataclass
+class OptimizerSpec:
+    """One optimizer an objective declares (lcm/training/optim.py builds and steps it)."""
+    name: str                                  # "student"; DMD2: "generator", "fake_score"
+    params: list                               # the parameters this optimizer updates (fp32, requires_grad)
+    every: int = 1                             # update on steps where step % every == 0
+
+
 def as_lora_config(lora) -> LoRAConfig | None:
     return lora if lora is None or isinstance(lora, LoRAConfig) else LoRAConfig(**lora)
 
@@ -44,13 +52,13 @@ def as_lora_config(lora) -> LoRAConfig | None:
 
 class Objective:
     """Base class: subclasses implement setup() and loss(); the rest has working defaults."""
-    sampler = "lcm"                     # how validation samples the trained network: a Pipeline solver (lcm, tcd, pcm, ddim)
+    sampler = "lcm"                     # how the trained network is sampled: a record of lcm.sampling.samplers
     trains_text = False                 # the text towers are trainables (no text caching then)
 
     def __init__(self, lora=None, ema_decay: float | None = None):
         self.lora, self.ema_decay = as_lora_config(lora), ema_decay
         if ema_decay is not None and not 0 <= ema_decay < 1:
-            raise ValueError(f"EMA decay mu={ema_decay} must be in [0, 1) (train.ema_decay / train.lora_ema_decay)")
+            raise ValueError(f"EMA decay mu={ema_decay} must be in [0, 1) (objective.ema_decay)")
         self.student = self.target = self.teacher = None
         self.trainables: list = []
         self.lora_name: str | None = None
@@ -69,6 +77,18 @@ class Objective:
 
     def check_lr(self, lr: float) -> None:
         """Warn about learning rates the references found useless or unstable for this objective."""
+
+    def optimizers(self) -> list[OptimizerSpec]:
+        """The optimizers the loop builds and steps: one over the trainables, every step (an objective
+        with several networks, e.g. DMD2's generator and fake score, lists one per network)."""
+        return [OptimizerSpec("student", [p for _, p in self.trainables])]
+
+    def validation_runs(self, v) -> list[tuple[str, int, float]]:
+        """(solver, steps, guidance scale) of each validation row of the trained network: its own
+        few-step sampler at v.steps and v.guidance (default: a LoRA's distilled CFG [1.0, 1.5], a
+        full LCM's w embedding [8.5])."""
+        guidance = v.guidance or ([1.0, 1.5] if self.lora_name else [8.5])
+        return [(self.sampler, int(n), float(s)) for s in guidance for n in v.steps]
 
     def schedule(self, device: torch.device) -> Schedule:
         """The pipeline's noise schedule with its table on the batch's device (the pipeline's own

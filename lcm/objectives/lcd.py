@@ -7,19 +7,16 @@ scripts), teacher = the frozen original UNet; z_hat_{t_n} is one guided step of 
 from __future__ import annotations
 
 from lcm.objectives.consistency import ConsistencyObjective
-from lcm.objectives.distill import check_teacher_solver, teacher_estimate
 
 
 class LCD(ConsistencyObjective):
-    def __init__(self, lora=None, ema_decay: float | None = 0.95, w_embedding_dim: int = 256,
-                 teacher_solver: str = "ddim", **kw):
+    def __init__(self, lora=None, ema_decay: float | None = 0.95, w_embedding_dim: int = 256, **kw):
         super().__init__(lora, ema_decay, **kw)
-        self.teacher_solver = check_teacher_solver(teacher_solver)
         if self.lora is not None:
             raise ValueError("objective=lcd trains the full UNet with a w-embedding: set objective.lora=null "
                              "(or use objective=lcd_lora for LCM-LoRA)")
         if ema_decay is None:
-            raise ValueError("objective=lcd needs train.ema_decay (0.95 in the reference)")
+            raise ValueError("objective=lcd needs objective.ema_decay (0.95 in the reference)")
         self.w_embedding_dim = w_embedding_dim
 
     def setup(self, pipe) -> None:
@@ -33,6 +30,3 @@ class LCD(ConsistencyObjective):
         assert missing == ["time_cond_proj.weight"] and not unexpected, (missing, unexpected)
         self._setup_full(pipe, student, ema=True)
         self.teacher = unet
-
-    def estimate(self, schedule):
-        return teacher_estimate(self.teacher_net(), schedule, self.pipe.prediction_type, self.teacher_solver)

@@ -6,15 +6,15 @@ z_{t_{n+k}}. On a LoRA (e.g. continuing an LCM-LoRA on new data: objective.lora.
 from __future__ import annotations
 
 from lcm.objectives.consistency import ConsistencyObjective
-from lcm.objectives.distill import same_noise_estimate
+from lcm.objectives.teacher import same_noise_estimate
 
 
 class LCF(ConsistencyObjective):
     def __init__(self, lora=None, ema_decay: float | None = None, lora_ema_decay: float | None = None, **kw):
         """ema_decay: the full model's target EMA; lora_ema_decay: a LoRA's (null: target = student)."""
-        super().__init__(lora, ema_decay if lora is None else lora_ema_decay, **kw)
+        super().__init__(lora, ema_decay if lora is None else lora_ema_decay, teacher_solver=None, **kw)
         if self.lora is None and ema_decay is None:
-            raise ValueError("objective=lcf with a full model needs train.ema_decay (0.95 in the reference)")
+            raise ValueError("objective=lcf with a full model needs objective.ema_decay (0.95 in the reference)")
 
     def setup(self, pipe) -> None:
         self.setup_spec(pipe)
@@ -25,4 +25,5 @@ class LCF(ConsistencyObjective):
         self.teacher = None                                # no teacher: nothing to compare against
 
     def estimate(self, schedule):
+        """Same-noise z_hat_{t_n} (no teacher)."""
         return same_noise_estimate(schedule)

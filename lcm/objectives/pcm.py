@@ -1,5 +1,5 @@
 """PCM-LoRA: phased consistency distillation into a LoRA (Wang et al. 2024, arXiv 2405.18407;
-docs/method.md Sec. 12; the loss: lcm.objectives.distill_phased.pcm_loss).
+docs/method.md Sec. 12; the loss: lcm.objectives.losses with pcm_jump).
 
 M phases (`phases`) split the grid at solvers.schedule.pcm_phase_starts; the student learns the DDIM
 jump from t_{n+k} to the lower edge of its phase (PCM Eq. 3), the target is the target net's jump from
@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 
 from lcm.consistency import ConsistencySpec
-from lcm.objectives.distill import net_fn
-from lcm.objectives.distill_phased import pcm_loss, unguided_teacher_estimate
+from lcm.objectives.losses import Jump, pcm_jump
 from lcm.objectives.tcd import DDIMFormObjective
+from lcm.objectives.teacher import unguided_teacher_estimate
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +38,24 @@ class PCM(DDIMFormObjective):
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"objective.p_uncond={p_uncond} must be in [0, 1]")
         self.phases, self.cfg_solver, self.p_uncond = phases, bool(cfg_solver), float(p_uncond)
+        self.kw["p_uncond"] = self.p_uncond
         if not self.cfg_solver:                            # uncond := cond: w = 0 is no guidance
             self.kw["w_fixed"] = 0.0
 
     def make_spec(self, N: int) -> ConsistencySpec:
         if self.phases > N:
-            raise ValueError(f"objective.phases={self.phases} exceeds the grid size N = T / k = {N} (train.k)")
+            raise ValueError(f"objective.phases={self.phases} exceeds the grid size N = T / k = {N} (objective.k)")
         return ConsistencySpec(num_ddim_timesteps=N, objective="pcm", phases=self.phases)
 
+    def jump(self) -> Jump:
+        """The DDIM jump to the lower edge of t_{n+k}'s phase (PCM Eq. 3)."""
+        return pcm_jump(self.kw["k"], self.phases, self.pipe.schedule.T)
+
     def estimate(self, schedule):
+        """With cfg_solver the guided teacher step; else PCM*'s conditional teacher alone."""
         if self.cfg_solver:
             return super().estimate(schedule)
         return unguided_teacher_estimate(self.teacher_net(), schedule, self.pipe.prediction_type, self.teacher_solver)
-
-    def loss(self, student_call, z, cond, uncond, generator):
-        schedule = self.schedule(z.device)
-        return pcm_loss(net_fn(student_call), self.target_net(), self.estimate(schedule), z, cond, uncond,
-                        schedule, generator, phases=self.phases, p_uncond=self.p_uncond,
-                        prediction_type=self.pipe.prediction_type, **self.kw)
 
     def check_lr(self, lr: float) -> None:
         if lr < 1e-6:

@@ -1,5 +1,5 @@
 """TCD-LoRA: trajectory consistency distillation into a LoRA (Zheng et al. 2024, arXiv 2402.19159;
-docs/method.md Sec. 11; the loss: lcm.objectives.distill_phased.tcd_loss).
+docs/method.md Sec. 11; the loss: lcm.objectives.losses with tcd_jump).
 
 The networks are LCM-LoRA's (lcd_lora.py): teacher = the UNet with its adapters off, student = the
 same UNet with the trainable LoRA, target = the student under no_grad (ema_decay null, the default:
@@ -12,17 +12,15 @@ from __future__ import annotations
 
 from lcm.consistency import ConsistencySpec
 from lcm.objectives.consistency import ConsistencyObjective
-from lcm.objectives.distill import check_teacher_solver, net_fn, teacher_estimate
-from lcm.objectives.distill_phased import tcd_loss
+from lcm.objectives.losses import Jump, tcd_jump
 
 
 class DDIMFormObjective(ConsistencyObjective):
     """Shared by TCD and PCM: a LoRA student in DDIM form (no c_skip / c_out), LCM-LoRA's networks."""
     name = ""                           # the objective's conf name (error messages, the spec's objective)
 
-    def __init__(self, lora=None, ema_decay: float | None = None, teacher_solver: str = "ddim", **kw):
+    def __init__(self, lora=None, ema_decay: float | None = None, **kw):
         super().__init__(lora, ema_decay, **kw)
-        self.teacher_solver = check_teacher_solver(teacher_solver)
         if self.lora is None:
             raise ValueError(f"objective={self.name} needs a LoRA (objective.lora: {{rank: .., alpha: ..}}); "
                              "full-model distillation is objective=lcd (LCM) only")
@@ -36,9 +34,6 @@ class DDIMFormObjective(ConsistencyObjective):
         self._spec = self.make_spec(self._spec.num_ddim_timesteps)
         self._setup_lora(pipe, ema=self.ema_decay is not None)
 
-    def estimate(self, schedule):
-        return teacher_estimate(self.teacher_net(), schedule, self.pipe.prediction_type, self.teacher_solver)
-
 #----------------------------------------------------------------------------
 
 class TCD(DDIMFormObjective):
@@ -48,7 +43,6 @@ class TCD(DDIMFormObjective):
     def make_spec(self, N: int) -> ConsistencySpec:
         return ConsistencySpec(num_ddim_timesteps=N, objective="tcd")
 
-    def loss(self, student_call, z, cond, uncond, generator):
-        schedule = self.schedule(z.device)
-        return tcd_loss(net_fn(student_call), self.target_net(), self.estimate(schedule), z, cond, uncond,
-                        schedule, generator, prediction_type=self.pipe.prediction_type, **self.kw)
+    def jump(self) -> Jump:
+        """TCF(1) to s drawn on the grid at or below t_n."""
+        return tcd_jump(self.kw["k"])

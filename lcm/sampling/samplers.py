@@ -186,5 +186,5 @@ def by_a1111(name: str) -> Sampler | None:
 def teacher_solver(name: str) -> Sampler:
     """A solver usable as the teacher step Psi of distillation (objective.teacher_solver), else a one-line error."""
     if name not in TEACHER_SOLVERS:
-        raise ValueError(f"train.teacher_solver must be one of {', '.join(TEACHER_SOLVERS)}, got {name!r}")
+        raise ValueError(f"objective.teacher_solver must be one of {', '.join(TEACHER_SOLVERS)}, got {name!r}")
     return SAMPLERS[name]

@@ -12,13 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import resource
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,7 +28,8 @@ from lcm.data.order import hash_seed
 from lcm.objectives.base import Objective
 from lcm.runs import checkpoints, lock, logger as runlog, state as runstate
 from lcm.training.distributed import Dist
-from lcm.training.validation import grid_infotext, save_grid, validate, validation_metrics
+from lcm.training.optim import Optimizers
+from lcm.training.validation import ValidationConfig, grid_infotext, save_grid, validate, validation_metrics
 from models.checkpoint import save_model_file
 from models.storage import store_frozen
 
@@ -40,16 +40,13 @@ PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class TrainConfig:
-    """The loop's settings (the objective's own knobs are its constructor arguments)."""
+    """The loop's settings (cfg.train). The objective's knobs are its constructor arguments (cfg.objective),
+    validation has its ValidationConfig (cfg.validation), the optimizer its factory (cfg.optimizer)."""
     max_steps: int = 1000
     batch_size: int = 12                # per process
-    lr: float = 1e-4
-    betas: tuple = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
+    lr: float = 1e-4                    # the optimizer's (conf/optimizer/) learning rate
     warmup_steps: int = 0               # linear warmup, then constant
-    grad_clip: float = 1.0
-    optimizer: str = "adamw"            # adamw | adamw8bit (bitsandbytes)
+    grad_clip: float = 1.0              # per optimizer
     mixed_precision: str = "no"         # no | bf16 | fp16: autocast; trainables stay fp32
     gradient_checkpointing: bool = False
     frozen_storage: str | None = None   # null | float16 | bfloat16: frozen UNet weights kept so (models/storage.py)
@@ -60,15 +57,6 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 10
-    validate_every: int = 200           # 0: never
-    val_prompts: list | None = None     # null: the first captions of the dataset
-    val_seeds: list = field(default_factory=lambda: [0])
-    val_steps: list = field(default_factory=lambda: [1, 2, 4, 8])
-    val_guidance: list | None = None    # null: [1.0, 1.5] (LoRA), [8.5] (full LCM)
-    val_teacher_steps: int = 25
-    val_teacher_guidance: float = 7.5
-    val_metrics: list = field(default_factory=list)   # metric names (lcm/evaluation); []: off
-    val_metric_options: dict = field(default_factory=dict)   # their options (lcm/training/validation.py)
     on_nan: str = "stop"                # stop | skip
     find_unused_parameters: bool = False
     distributed: str = "ddp"            # ddp | fsdp: shard full models over the torchrun ranks (lcm/training/fsdp.py)
@@ -79,19 +67,10 @@ def step_generators(seed: int, step: int, first: int, n: int) -> list[torch.Gene
     return [torch.Generator().manual_seed(hash_seed(seed, step, first + i)) for i in range(n)]
 
 
-def make_optimizer(params: list, cfg: TrainConfig):
-    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":                 # fused: one kernel per step (CPU: 3.5x the for-loop)
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-        return torch.optim.AdamW(params, **kw, fused=fused or None)
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ValueError("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes); "
-                             "or use train.optimizer=adamw") from None
-        return bnb.optim.AdamW8bit(params, **kw)
-    raise ValueError(f"train.optimizer must be adamw or adamw8bit, got {cfg.optimizer!r}")
+def make_optimizer(objective: Objective, cfg: TrainConfig, factory=None) -> Optimizers:
+    """The optimizers the objective declares, each built by `factory(params, lr=...)` (conf/optimizer/,
+    a Hydra _partial_; None: AdamW with the reference's settings), with cfg's warmup."""
+    return Optimizers(objective.optimizers(), factory, cfg.lr, cfg.warmup_steps)
 
 
 def place(pipe, objective: Objective, cfg: TrainConfig, dist: Dist) -> nn.Module:
@@ -111,7 +90,7 @@ def place(pipe, objective: Objective, cfg: TrainConfig, dist: Dist) -> nn.Module
     if dist.world == 1:
         return objective.student
     if objective.trains_text:
-        raise ValueError("train.train_text_encoder=true is single-process only (its gradients are not "
+        raise ValueError("objective.train_text_encoder=true is single-process only (its gradients are not "
                          "synchronised); run without torchrun or freeze the text encoder")
     if cfg.distributed == "fsdp":
         from lcm.training import fsdp
@@ -144,7 +123,7 @@ def check_config(cfg: TrainConfig, objective: Objective, pipe) -> None:
         raise ValueError(f"train.frozen_storage must be null, float16 or bfloat16, got {cfg.frozen_storage!r}")
     if cfg.cache and objective.trains_text:
         raise ValueError("train.cache=true stores text embeddings, so it cannot be combined with "
-                         "train.train_text_encoder=true")
+                         "objective.train_text_encoder=true")
     base = {p.dtype for p in pipe.unet.parameters()}
     if cfg.mixed_precision == "no" and base != {torch.float32}:
         raise ValueError(f"the model is in {sorted(map(str, base))}: set train.mixed_precision=bf16 or fp16 "
@@ -160,19 +139,22 @@ def check_config(cfg: TrainConfig, objective: Objective, pipe) -> None:
 
 def train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective,
           logger: runlog.LoggerConfig | None = None, resume=None, config: dict | None = None,
-          dist: Dist | None = None, save_base: bool = False) -> dict:
+          dist: Dist | None = None, save_base: bool = False, validation: ValidationConfig | None = None,
+          optimizer=None) -> dict:
     """Train `objective` on `pipe` and `dataset` (items: image (3,H,W) in [-1,1], caption); returns a
     summary. save_base: also write the frozen base as base.safetensors (a model built from scratch,
     so that sample.py can load it together with a LoRA). The run dir is locked while it runs (a
-    second trainer on it is refused; a dead one's stale lock is taken over)."""
+    second trainer on it is refused; a dead one's stale lock is taken over). validation: None = off;
+    optimizer: the factory of each declared optimizer (make_optimizer)."""
     dist = dist or Dist()
     check_config(cfg, objective, pipe)
     with lock.lock_run_dir(run_dir) if dist.rank == 0 else contextlib.nullcontext():
-        return _train(pipe, dataset, cfg, run_dir, objective, logger, resume, config, dist, save_base)
+        return _train(pipe, dataset, cfg, run_dir, objective, logger, resume, config, dist, save_base,
+                      validation or ValidationConfig(every=0), optimizer)
 
 
 def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, logger, resume, config,
-           dist: Dist, save_base: bool) -> dict:
+           dist: Dist, save_base: bool, vcfg: ValidationConfig, factory) -> dict:
     logger, config = logger or runlog.LoggerConfig(mode="disabled"), config or {}
     root = os.path.join(run_dir, "checkpoints")
     resume_path = checkpoints.resolve_resume(run_dir, resume)
@@ -189,10 +171,8 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
     fsdp = None
     if cfg.distributed == "fsdp" and dist.world > 1:      # sharded networks: gathered for saving and sampling
         from lcm.training import fsdp
-    params = [p for _, p in objective.trainables]
-    optimizer = make_optimizer(params, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0)
+    optimizer = make_optimizer(objective, cfg, factory)
+    sched = optimizer.schedulers
     amp = PRECISIONS[cfg.mixed_precision]
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
 
@@ -200,7 +180,7 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
     if resume_path is not None:                             # trainables, optimizer, EMA, RNG, step, run id
         step, run_id = runstate.restore_training_state(resume_path, objective.trainables, optimizer, sched, scaler,
                                                  objective.ema, dist.rank, dist.world,
-                                                 fsdp and fsdp.load_state(objective, optimizer))
+                                                 fsdp and fsdp.load_state(objective, optimizer.single))
         run_id = run_id if resume_path.startswith(os.path.abspath(run_dir)) else None
     check_precision(objective, optimizer)
 
@@ -222,7 +202,7 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
         if dist.world > 1:
             rngs = [None] * dist.world
             torch.distributed.all_gather_object(rngs, runstate.rng_state())
-        full = fsdp and fsdp.gather_state(objective, optimizer)   # FSDP: full tensors on rank 0
+        full = fsdp and fsdp.gather_state(objective, optimizer.single)   # FSDP: full tensors on rank 0
         if dist.rank == 0:
             tr, opt, ema = (full.trainables, full.optimizer, full.ema) if full else \
                 (objective.trainables, optimizer, objective.ema)
@@ -258,11 +238,10 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
                 ok = dist.all_min(float(torch.isfinite(loss).item()))
                 if ok:
                     scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                    grad_norm = optimizer.unscale_clip_(scaler, step, cfg.grad_clip)
                     ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
             if not ok:                                     # NaN/Inf: stop with the step number, or skip it
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 msg = f"non-finite loss or gradient at step {step} (loss={loss.item():.4g})"
                 if cfg.on_nan == "stop":
                     raise FloatingPointError(msg + "; nothing was updated. Set train.on_nan=skip to skip such "
@@ -270,10 +249,9 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
                 log.warning("%s: step skipped (train.on_nan=skip)", msg)
                 nan_skipped, step = nan_skipped + 1, step + 1
                 continue
-            scaler.step(optimizer)
+            optimizer.step(scaler, step)                   # the optimizers due at this step (objective.optimizers)
             scaler.update()
-            sched.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             objective.after_step()                         # theta_minus <- mu theta_minus + (1-mu) theta
             step, seen = step + 1, seen + G
             loss_sum, n_loss = loss_sum + loss.detach(), n_loss + 1
@@ -285,7 +263,7 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
                     mean_loss /= dist.world
                 dt = time.perf_counter() - t0
                 if dist.rank == 0:
-                    metrics = dict(loss=mean_loss.item(), grad_norm=float(grad_norm), lr=sched.get_last_lr()[0],
+                    metrics = dict(loss=mean_loss.item(), grad_norm=float(grad_norm), lr=optimizer.last_lr(),
                                    samples_per_s=seen / dt, peak_mem_mb=peak_memory_mb(dist.device),
                                    skipped_samples=skipped_samples, nan_skipped=nan_skipped) | objective.metrics()
                     logr.log(metrics, step)
@@ -295,18 +273,18 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
                 t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
 
             pause = time.perf_counter()                    # validation and saving do not count as throughput
-            if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):   # validate
+            if vcfg.every and (step % vcfg.every == 0 or step == cfg.max_steps):   # validate
                 if fsdp:                                   # rank 0 samples with the full networks
                     fsdp.unshard(objective.target, objective.teacher)
                 if dist.rank == 0:
-                    prompts = prompts or list(cfg.val_prompts or first_captions(dataset, 2))
-                    rows = validate(pipe, objective, cfg, prompts, image_size(batch), teacher_rows)
+                    prompts = prompts or list(vcfg.prompts or first_captions(dataset, 2))
+                    rows = validate(pipe, objective, vcfg, prompts, image_size(batch), teacher_rows)
                     path = os.path.join(run_dir, "validation", f"step_{step:07d}.png")
-                    save_grid(rows, path, grid_infotext(rows, prompts, cfg, image_size(batch), step,
+                    save_grid(rows, path, grid_infotext(rows, prompts, vcfg, image_size(batch), step,
                                                         ((config or {}).get("model") or {}).get("path")))
                     logr.image("validation", path, step, " | ".join(lbl for lbl, _ in rows))
-                    if cfg.val_metrics:                    # FID / CLIP / demo metrics (lcm/evaluation)
-                        validation_metrics(pipe, objective, cfg, prompts, image_size(batch), logr, step, run_dir)
+                    if vcfg.metrics:                       # FID / CLIP / demo metrics (lcm/evaluation)
+                        validation_metrics(pipe, objective, vcfg, prompts, image_size(batch), logr, step, run_dir)
                 dist.barrier()
                 if fsdp:
                     fsdp.reshard(objective.target, objective.teacher)

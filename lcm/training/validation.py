@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,6 +17,19 @@ from lcm.evaluation.report import markdown
 from lcm.evaluation.runner import Method, atomic_write, run_grid
 from lcm.sampling import samplers
 
+
+@dataclass
+class ValidationConfig:
+    """cfg.validation: what validation samples, when (conf/validation/default.yaml)."""
+    every: int = 200                    # steps between validations (and at the end); 0: never
+    prompts: list | None = None         # null: the model preset's prompts, else the first dataset captions
+    seeds: list = field(default_factory=lambda: [0])
+    steps: list = field(default_factory=lambda: [1, 2, 4, 8])
+    guidance: list | None = None        # null: the objective's (LoRA [1.0, 1.5], full LCM [8.5])
+    teacher_steps: int = 25             # the teacher's DDIM row (and a diffusion objective's own)
+    teacher_guidance: float = 7.5
+    metrics: list = field(default_factory=list)          # metric names (lcm/evaluation); []: off
+    metric_options: dict = field(default_factory=dict)   # their options (below)
 
 
 @contextlib.contextmanager
@@ -29,38 +43,33 @@ def sampling(pipe, unet: nn.Module, **components):
 
 
 @torch.no_grad()
-def validate(pipe, objective, cfg, prompts: list, size: int, teacher_rows: list):
-    """Rows of images (N, 3, size, size) in [0,1] with labels; teacher rows are computed once."""
+def validate(pipe, objective, v: ValidationConfig, prompts: list, size: int, teacher_rows: list):
+    """Rows of images (N, 3, size, size) in [0,1] with labels: the objective's validation runs on its
+    target, then the teacher's DDIM row (computed once)."""
     def grid(p, **kw):
         return torch.cat([p(prompts, seed=int(s) * 1000, height=size, width=size, output="tensor",
-                            progress=False, **kw) for s in cfg.val_seeds])
-    ddim = dict(solver="ddim", steps=cfg.val_teacher_steps, guidance_scale=cfg.val_teacher_guidance)
+                            progress=False, **kw) for s in v.seeds])
     rows, spec = [], objective.spec or pipe.spec
     with sampling(pipe, objective.target, spec=spec) as p, objective.target_ctx():   # EMA, else the student
-        if not samplers.get(objective.sampler).few_step:    # a diffusion objective: DDIM at the teacher's CFG
-            rows.append((f"ddim {cfg.val_teacher_steps} s={cfg.val_teacher_guidance}", grid(p, **ddim)))
-        else:
-            guidance = cfg.val_guidance or ([1.0, 1.5] if objective.lora_name else [8.5])
-            rows += [(f"{objective.sampler} {n} s={s}",
-                      grid(p, solver=objective.sampler, steps=int(n), guidance_scale=float(s)))
-                     for s in guidance for n in cfg.val_steps]
+        rows += [(f"{solver} {n} s={s}", grid(p, solver=solver, steps=n, guidance_scale=s))
+                 for solver, n, s in objective.validation_runs(v)]
     if not teacher_rows and objective.teacher is not None:
         with sampling(pipe, objective.teacher) as p, objective.teacher_ctx():
-            teacher_rows.append((f"teacher ddim {cfg.val_teacher_steps} s={cfg.val_teacher_guidance}",
-                                 grid(p, **ddim)))
+            teacher_rows.append((f"teacher ddim {v.teacher_steps} s={v.teacher_guidance}",
+                                 grid(p, solver="ddim", steps=v.teacher_steps, guidance_scale=v.teacher_guidance)))
     return rows + teacher_rows
 
 
-def grid_infotext(rows: list, prompts: list, cfg, size: int, step: int, model: str | None) -> str:
+def grid_infotext(rows: list, prompts: list, v: ValidationConfig, size: int, step: int, model: str | None) -> str:
     """A1111 infotext of a validation grid (lcm/sampling/infotext.py): its first row's settings, every row's label,
     the prompts and seeds of its columns, the training step; the model by file name only."""
     from lcm.sampling.infotext import format_infotext, stem
     solver, steps, s = rows[0][0].removeprefix("teacher ").split()
     return format_infotext({"prompt": prompts[0], "Steps": int(steps), "Sampler": samplers.get(solver).a1111,
-                            "CFG scale": float(s.removeprefix("s=")), "Seed": int(cfg.val_seeds[0]) * 1000,
+                            "CFG scale": float(s.removeprefix("s=")), "Seed": int(v.seeds[0]) * 1000,
                             "Size": f"{size}x{size}", "Model": stem(model) if model else None,
                             "Grid rows": " | ".join(lbl for lbl, _ in rows),
-                            "Grid columns": " | ".join(f"seed {int(v) * 1000} {p}" for v in cfg.val_seeds for p in prompts),
+                            "Grid columns": " | ".join(f"seed {int(sd) * 1000} {p}" for sd in v.seeds for p in prompts),
                             "Training step": step})
 
 
@@ -77,17 +86,17 @@ def save_grid(rows: list, path: str, infotext: str | None = None) -> None:
 
 
 #----------------------------------------------------------------------------
-# Evaluation metrics during training (train.val_metrics): the student's (EMA target's) sampler at
-# train.val_steps on a small prompt set, every validate_every steps, logged as scalars
+# Evaluation metrics during training (validation.metrics): the student's (EMA target's) sampler at
+# validation.steps on a small prompt set, every validation.every steps, logged as scalars
 # `val/<metric>_<n>steps` in metrics.jsonl / wandb, a wandb table, and validation/metrics_step_N.md.
 #
-#     train.val_metrics=[demo_accuracy,demo_fd]                       # the demo world (cheap)
-#     train.val_metrics=[fid,clip_score] train.val_metric_options="{reference: /data/val_imgs,
+#     validation.metrics=[demo_accuracy,demo_fd]                       # the demo world (cheap)
+#     validation.metrics=[fid,clip_score] validation.metric_options="{reference: /data/val_imgs,
 #         inception_weights: /w/pt_inception-2015-12-05-6726825d.pth, clip_pretrained: /w/open_clip_pytorch_model.bin}"
 #
-# val_metric_options: plugins (modules registering metrics, e.g. [demo.metrics]), prompts (a .txt /
+# metric_options: plugins (modules registering metrics, e.g. [demo.metrics]), prompts (a .txt /
 # .jsonl / registered set; null: the validation prompts), n_prompts, seeds_per_prompt, seed,
-# batch_size, guidance (null: 1.0 for LoRAs, the first val_guidance otherwise), and the metrics'
+# batch_size, guidance (null: the first guidance of the objective's validation runs), and the metrics'
 # own options (as in conf/evaluate.yaml).
 _SETS: dict[str, MetricSet] = {}                     # built once per process (weights, references)
 
@@ -100,23 +109,22 @@ def metric_set(names: list[str], options: dict) -> MetricSet:
     return _SETS[key]
 
 
-def validation_metrics(pipe, objective, cfg, prompts: list[str], size: int, logger=None, step: int = 0,
-                       run_dir: str | None = None) -> tuple[dict, list[dict]]:
-    """({'val/<metric>_<n>steps': value}, table rows) for the objective's sampler at cfg.val_steps."""
-    opts = dict(getattr(cfg, "val_metric_options", None) or {})
+def validation_metrics(pipe, objective, v: ValidationConfig, prompts: list[str], size: int, logger=None,
+                       step: int = 0, run_dir: str | None = None) -> tuple[dict, list[dict]]:
+    """({'val/<metric>_<n>steps': value}, table rows) for the objective's validation runs at their first
+    guidance scale (metric_options.guidance overrides it)."""
+    opts = dict(v.metric_options or {})
     if run_dir:
         opts.setdefault("cache_dir", os.path.join(run_dir, "validation"))
     opts.setdefault("device", str(getattr(pipe, "device", "cpu")))
-    ms = metric_set(list(cfg.val_metrics), opts)
+    ms = metric_set(list(v.metrics), opts)
     src = opts.get("prompts")
     ps = (load_prompts(src, opts.get("n_prompts"), int(opts.get("seeds_per_prompt", 1)), int(opts.get("seed", 0)))
           if src else PromptSet(tuple(p for p in prompts for _ in range(int(opts.get("seeds_per_prompt", 1)))),
                                 int(opts.get("seed", 0))))
-    if not samplers.get(objective.sampler).few_step:  # a diffusion objective: its own DDIM at the teacher's CFG
-        method = Method("ddim", "ddim", [cfg.val_teacher_steps], float(cfg.val_teacher_guidance))
-    else:
-        s = opts.get("guidance") or (cfg.val_guidance or ([1.0] if objective.lora_name else [8.5]))[0]
-        method = Method(objective.sampler, objective.sampler, [int(n) for n in cfg.val_steps], float(s))
+    runs = objective.validation_runs(v)
+    solver, s = runs[0][0], runs[0][2]
+    method = Method(solver, solver, [n for sv, n, g in runs if (sv, g) == (solver, s)], float(opts.get("guidance") or s))
     spec = objective.spec or pipe.spec
     with sampling(pipe, objective.target, spec=spec) as p, objective.target_ctx(), \
             tempfile.TemporaryDirectory(prefix="lcm-val-") as tmp:

@@ -20,7 +20,7 @@ CELLS = [
 
     For an LCM-LoRA the three networks are one UNet (docs/method.md Sec. 3.2): the **student** is the
     LoRA UNet, the **target** $\theta^-$ is the same UNet under `no_grad` ($\mu = 0$), the
-    **teacher** is the UNet with adapters disabled. The loss itself is `lcm/objectives/distill.py`; this
+    **teacher** is the UNet with adapters disabled. The loss itself is `lcm/objectives/losses.py`; this
     notebook calls its pieces one at a time and checks the result against `lcd_loss`.
     """),
     code(SETUP),
@@ -28,7 +28,9 @@ CELLS = [
     from demo import world
     from lcm.consistency import boundary_scalings, f_theta
     from lcm.objectives.base import LoRAConfig
-    from lcm.objectives.distill import distance, draw_points, lcd_loss, net_fn, teacher_ddim_estimate
+    from lcm.denoiser import unet_net
+    from lcm.objectives.losses import distance, draw_points, lcd_loss
+    from lcm.objectives.teacher import teacher_estimate
     from lcm.objectives.lcd_lora import LCDLoRA
     from lcm.pipeline import Pipeline
     from models.text import Conditioning
@@ -43,14 +45,9 @@ CELLS = [
     roles.setup(pipe)
     assert roles.student is roles.target is roles.teacher   # one UNet in memory
 
-    student = net_fn(roles.student)                    # net(x, t, cond, w) -> raw UNet output (no w input)
-    target = net_fn(roles.target)                      # called under no_grad (mu = 0)
-    _base = net_fn(roles.teacher)
-
-
-    def teacher(*args):                                # the same UNet with adapters disabled
-        with roles.teacher_ctx():
-            return _base(*args)
+    student = unet_net(roles.student)                  # net(x, t, cond, w) -> raw UNet output (no w input)
+    target = unet_net(roles.target)                    # called under no_grad (mu = 0)
+    teacher = unet_net(roles.teacher, roles.teacher_ctx)   # the same UNet with adapters disabled
     """),
     md(r"""
     ## Step 1: encode, $z = \text{vae\_scale} \cdot E(x)$
@@ -104,7 +101,7 @@ CELLS = [
 
     1. **Algorithm 1**: $\hat z_{t_n} = z + (1+w)\Psi(c) - w\Psi(\varnothing)$, where
        $\Psi(\cdot) = \text{DDIM}(z, t_{n+k} \to t_n) - z$ is the solver's increment.
-    2. **The module** (`teacher_ddim_estimate`): combine $\hat x_0^w = \hat x_0^c + w(\hat x_0^c - \hat x_0^\varnothing)$ and
+    2. **The module** (`teacher_estimate`): combine $\hat x_0^w = \hat x_0^c + w(\hat x_0^c - \hat x_0^\varnothing)$ and
        $\hat\epsilon^w$ likewise, then one DDIM step
        $\hat z_{t_n} = \sqrt{\bar\alpha_{t_n}}\hat x_0^w + \sqrt{1-\bar\alpha_{t_n}}\hat\epsilon^w$.
     3. **Usual CFG** (Imagen, diffusers): $\hat\epsilon = \hat\epsilon^\varnothing + s(\hat\epsilon^c - \hat\epsilon^\varnothing)$, then DDIM.
@@ -122,7 +119,7 @@ CELLS = [
 
     psi = lambda x0, e: ddim_from_x0_eps(x0, e, t_n, S) - z_nk                  # Psi: DDIM increment
     z_hat_alg1 = z_nk + (1 + wb) * psi(x0_c, eps_c) - wb * psi(x0_u, eps_u)     # 1. Algorithm 1
-    z_hat = teacher_ddim_estimate(teacher, S, pred_type)(z_nk, t_nk, t_n, z, eps, cond, uncond, w)  # 2.
+    z_hat = teacher_estimate(teacher, S, pred_type)(z_nk, t_nk, t_n, z, eps, cond, uncond, w)  # 2.
     eps_cfg = cfg(eps_c, eps_u, wb + 1)                                        # 3. uncond + s (cond - uncond)
     z_hat_cfg = ddim_step(z_nk, eps_cfg, t_nk, t_n, S)
     z_hat_wrong = ddim_step(z_nk, cfg(eps_c, eps_u, wb), t_nk, t_n, S)          # s = w: off by one
@@ -146,7 +143,7 @@ CELLS = [
     target_f = f_theta(z_hat, to_x0(out_t, z_hat, t_n, S, pred_type), t_n, pipe.spec)
     with torch.enable_grad():
         loss = distance(pred, target_f, "huber", 1e-3)             # per sample (B,)
-        ref, info = lcd_loss(student, target, teacher_ddim_estimate(teacher, S, pred_type), z, cond, uncond, S,
+        ref, info = lcd_loss(student, target, teacher_estimate(teacher, S, pred_type), z, cond, uncond, S,
                              torch.Generator().manual_seed(SEED), k=K, w_min=W_MIN, w_max=W_MAX, loss="huber",
                              huber_c=1e-3, prediction_type=pred_type, sigma_data=pipe.spec.sigma_data,
                              timestep_scaling=pipe.spec.timestep_scaling)
@@ -172,7 +169,7 @@ CELLS = [
     opt = torch.optim.AdamW(lora_params, lr=1e-4)
     opt.step()
     with torch.enable_grad():
-        after, _ = lcd_loss(student, target, teacher_ddim_estimate(teacher, S, pred_type), z, cond, uncond, S,
+        after, _ = lcd_loss(student, target, teacher_estimate(teacher, S, pred_type), z, cond, uncond, S,
                             torch.Generator().manual_seed(SEED), k=K, w_min=W_MIN, w_max=W_MAX,
                             prediction_type=pred_type)
     print(f"grad norm {grad_norm:.3g} over {sum(p.numel() for p in lora_params)} LoRA parameters; "
@@ -189,7 +186,7 @@ CELLS = [
     T_NK = 499
     z1, e1, c1, u1 = z[:1], eps[:1], Conditioning(cond.context[:1]), Conditioning(uncond.context[:1])
     zt = S.add_noise(z1, e1, torch.tensor([T_NK]))
-    estimate = teacher_ddim_estimate(teacher, S, pred_type)
+    estimate = teacher_estimate(teacher, S, pred_type)
     pred1 = f_theta(zt, to_x0(student(zt, torch.tensor([T_NK]), c1, None), zt, T_NK, S, pred_type), T_NK, pipe.spec)
 
 

@@ -199,8 +199,8 @@ CELLS = [
 
     LCD's target needs $\hat z_{t_n} = \Psi(z_{t_{n+k}}, t_{n+k}, t_n)$, **one** step of the guided teacher
     $(1 + w)\,\hat\epsilon(z, c) - w\,\hat\epsilon(z, \varnothing)$ across the skipping step $k$ on the grid
-    $t_j = jk - 1$; below is the trainer's own $\Psi$ (`lcm.objectives.distill.teacher_estimate`,
-    `train.teacher_solver`) on the Gaussian teacher, where $c = \varnothing$ makes the guided $\hat\epsilon$ exact
+    $t_j = jk - 1$; below is the trainer's own $\Psi$ (`lcm.objectives.teacher.teacher_estimate`,
+    `objective.teacher_solver`) on the Gaussian teacher, where $c = \varnothing$ makes the guided $\hat\epsilon$ exact
     and the exact step is the flow, from $z_{t_{n+k}} \sim p_{t_{n+k}}$ at every grid point.
     DDIM's local error grows like $h^2$ and the second-order DPM-Solver-2 and DPM-Solver++(2S) like
     $h^3$ ($h = \lambda_{t_n} - \lambda_{t_{n+k}}$, roughly $\propto k$), so the gap widens with $k$, which is why
@@ -212,7 +212,7 @@ CELLS = [
     lines are the median over the grid.
     """),
     code("""
-    from lcm.objectives.distill import teacher_estimate
+    from lcm.objectives.teacher import teacher_estimate
     from lcm.sampling.samplers import TEACHER_SOLVERS
     from models.text import Conditioning
 
