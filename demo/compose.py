@@ -24,14 +24,14 @@ import re
 
 import torch
 
-from demo.world import BACKGROUNDS, COLOURS, JITTER_RGB, JITTER_SIZE, SHAPES, _sdf
+from demo.world import BACKGROUNDS, COLOURS, JITTER_RGB, JITTER_SIZE, SHAPES, sdf
 
 SIZES = {"small": 0.09, "large": 0.13}                   # base radius / R (world.SIZES is for one shape)
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 CANONICAL = ("to the left of", "above")                  # the spatially first object (left / top) is named first
 HELDOUT = (("circle", "green"), ("square", "purple"), ("triangle", "red"), ("diamond", "yellow"))
 BACKGROUND = "white"
-EXTENT = {"circle": (1.0, 1.0), "square": (0.9, 0.9),    # half width, half height / r of world._sdf's shapes
+EXTENT = {"circle": (1.0, 1.0), "square": (0.9, 0.9),    # half width, half height / r of world.sdf's shapes
           "diamond": (1.25, 1.25), "triangle": (0.866 * 1.45, 0.75 * 1.45)}
 AA = 1.5             # px added to each extent: anti-aliasing ramp + the polygons' sdf overshoot at vertices
 GAP = 0.06           # clear space between the boxes along the relation's axis / R
@@ -220,13 +220,13 @@ def make_scene(attrs: Attributes, rng: random.Random, resolution: int = 64, micr
     return dataclasses.replace(scene, crop_top_left=crop)
 
 #----------------------------------------------------------------------------
-# Rendering: world._sdf per object on the canvas, anti-aliased coverage, composited on the background.
+# Rendering: world.sdf per object on the canvas, anti-aliased coverage, composited on the background.
 
 def coverage(scene: Scene) -> torch.Tensor:
     """Coverage (2, h, w) in [0, 1] of objects 1, 2 on the whole canvas."""
     (h, w), (oy, ox) = scene.original_size, scene.frame_offset
     ys, xs = torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5
-    d = [_sdf(o.shape, xs[None, :] - (cx + ox), ys[:, None] - (cy + oy), r)     # (h, w) each
+    d = [sdf(o.shape, xs[None, :] - (cx + ox), ys[:, None] - (cy + oy), r)     # (h, w) each
          for (cx, cy), r, o in zip(scene.centres, scene.radii, (scene.attrs.first, scene.attrs.second))]
     return (0.5 - torch.stack(d)).clamp(0, 1)                                   # 1-pixel ramp, as world.render
 

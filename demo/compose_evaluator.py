@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from demo.compose import CANONICAL, HEADS, RELATIONS, Attributes, parse_caption, real_batch, sample, world_spec
-from demo.evaluator import FeatureStats, _augment, feature_stats
+from demo.evaluator import FeatureStats, augment, feature_stats
 
 ACCURACY_BAR = 0.99                # per head, on fresh real images (--check fails below it)
 COLUMNS = ("shape1", "colour1", "size1", "shape2", "colour2", "size2", "relation")   # caption order
@@ -147,7 +147,7 @@ def train_evaluator(steps: int = 8000, batch: int = 64, lr: float = 2e-3, seed: 
         for group in opt.param_groups:                      # cosine from lr to 0
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         x, y = train_batch(seed, step, batch, resolution)
-        logits, _ = model.logits(_augment(x, g))            # blur + noise: generated images are softer
+        logits, _ = model.logits(augment(x, g))            # blur + noise: generated images are softer
         loss = sum(F.cross_entropy(logits[k], y[k]) for k in HEADS)
         opt.zero_grad(set_to_none=True)
         loss.backward()

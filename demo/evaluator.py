@@ -147,7 +147,7 @@ def frechet_distance(a: "torch.Tensor | FeatureStats", b: "torch.Tensor | Featur
 #----------------------------------------------------------------------------
 # Training on the generator's ground truth (fresh samples every step, plain and outlined).
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Mild blur and noise, so generated images (softer, noisier) are judged like real ones."""
     b = len(x)
     blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
@@ -178,7 +178,7 @@ def train_evaluator(steps: int = 1500, batch: int = 64, lr: float = 2e-3, seed: 
         for group in opt.param_groups:                      # cosine from lr to 0
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         x, y = train_batch(seed, step, batch, resolution)
-        logits, _ = model.logits(_augment(x, g))
+        logits, _ = model.logits(augment(x, g))
         loss = sum(F.cross_entropy(logits[k], y[k]) for k in VOCAB)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -115,7 +115,7 @@ def parse_caption(text: str) -> Attributes:
 INRADIUS = {"circle": 1.0, "square": 0.9, "diamond": 1.25 / 2**0.5, "triangle": 1.45 / 2}  # / r
 
 
-def _sdf(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tensor:
+def sdf(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tensor:
     """Signed distance (pixels, < 0 inside; exact inside) to a shape of base radius r at 0."""
     if shape == "circle":
         return (dx**2 + dy**2).sqrt() - r
@@ -139,7 +139,7 @@ def render(attrs: Attributes, size: int = 64, rng: random.Random | None = None) 
     fg = torch.tensor([c / 127.5 - 1 + u(JITTER_RGB) for c in COLOURS[attrs.colour]])
     bg = torch.tensor([c / 127.5 - 1 + u(JITTER_RGB) for c in BACKGROUNDS[attrs.background]])
     grid = torch.arange(size, dtype=torch.float32) + 0.5    # pixel centres
-    d = _sdf(attrs.shape, grid[None, :] - cx, grid[:, None] - cy, r)  # (H, W)
+    d = sdf(attrs.shape, grid[None, :] - cx, grid[:, None] - cy, r)  # (H, W)
     alpha = (0.5 - d).clamp(0, 1)                           # coverage of {d <= 0}, 1-pixel ramp
     if attrs.style == "outlined":
         t = OUTLINE * INRADIUS[attrs.shape] * r             # thickness: same hole shape for all

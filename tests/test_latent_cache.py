@@ -67,7 +67,7 @@ def test_cache_equals_what_the_image_path_computes(world):
     enc = LatentEncoder(pipe, torch.device("cpu"))
     for i in range(8):
         a, b = src[i], lat[i]
-        mean, std, ctx, pooled = enc._encode(a["image"][None], [a["caption"]])
+        mean, std, ctx, pooled = enc.encode_images(a["image"][None], [a["caption"]])
         assert b["caption"] == a["caption"] and b["index"] == a["index"] == i and b["size"] == (32, 32)
         assert (b["original_size"], b["crop_top_left"]) == (a["original_size"], a["crop_top_left"])
         close(mean[0], b["mean"], "mean")

@@ -13,7 +13,7 @@ written to a temporary name and renamed, so a killed job run again keeps the fin
 all units exist, rank 0 writes manifest.json (source length n, model, shards): its presence marks
 the cache complete.
 
-Each image is encoded by LatentEncoder._encode, the function train.cache=true calls, under the same
+Each image is encoded by LatentEncoder.encode_images, the function train.cache=true calls, under the same
 autocast (train.mixed_precision) and from the same fixed crop (data.crop=center, data.flip=false
 are required), so the cache holds what train.cache=true would compute.
 """
@@ -29,7 +29,7 @@ import torch
 
 from lcm.data.encoder import LatentEncoder
 from lcm.data.order import train_item
-from lcm.data.sources import LATENT_FORMAT, LatentColumns, LatentShards, SkipSample, _caption
+from lcm.data.sources import LATENT_FORMAT, LatentColumns, LatentShards, SkipSample, check_caption
 from lcm.data.webshards import WebShards, shard_samples
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def unit_samples(source, unit: int, shard_size: int, stats: dict):
     for i in range(unit * shard_size, min((unit + 1) * shard_size, len(source))):
         try:
             item = source.get(i, random.Random(f"lcm-data/encode/{i}")) if hasattr(source, "get") else source[i]
-            item = dict(item, caption=_caption(item.get("caption")))
+            item = dict(item, caption=check_caption(item.get("caption")))
         except SkipSample as e:
             log.warning("skipping sample %d: %s", i, e)
             stats["skipped"] += 1
@@ -132,7 +132,7 @@ def encode(pipe, source, out: str, *, rank: int = 0, world: int = 1, device="cpu
             def flush(batch):
                 images = torch.stack([it["image"] for _, _, _, it in batch])
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    mean, std, ctx, pooled = enc._encode(images, [it["caption"] for _, _, _, it in batch])
+                    mean, std, ctx, pooled = enc.encode_images(images, [it["caption"] for _, _, _, it in batch])
                 for n, (key, index, src, it) in enumerate(batch):
                     t = dict(mean=mean[n], std=std[n], context=ctx[n])
                     t |= {} if pooled is None else dict(pooled=pooled[n])

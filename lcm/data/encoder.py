@@ -16,7 +16,7 @@ class LatentEncoder:
         self.pipe, self.device, self.use_cache, self.vae_chunk, self.train_text = pipe, device, cache, vae_chunk, train_text
         self.cache, self._empty = {}, None
 
-    def _encode(self, images, captions):
+    def encode_images(self, images, captions):
         """images (B,3,H,W), captions -> (mean, std (B,C,h,w) fp32, context (B,77,D), pooled or None)."""
         p = self.pipe
         chunk = self.vae_chunk or images.shape[0]
@@ -40,14 +40,14 @@ class LatentEncoder:
             images, idx = batch["image"], batch["index"].tolist()
             todo = [i for i, j in enumerate(idx) if j not in self.cache]
             if todo:
-                parts = self._encode(images[todo], [captions[i] for i in todo])
+                parts = self.encode_images(images[todo], [captions[i] for i in todo])
                 for n, i in enumerate(todo):
                     self.cache[idx[i]] = tuple(None if t is None else t[n:n + 1].detach().cpu() for t in parts)
             rows = [self.cache[j] for j in idx]
             mean, std, ctx, pooled = (None if rows[0][k] is None else torch.cat([r[k] for r in rows]).to(self.device)
                                       for k in range(4))
         else:
-            mean, std, ctx, pooled = self._encode(batch["image"], captions)
+            mean, std, ctx, pooled = self.encode_images(batch["image"], captions)
         noise = randn(mean.shape, gens, device=self.device)              # posterior sample, per-sample generators
         z = (mean + std * noise) * self.pipe.vae_scale                   # z = scale * E(x).sample()
         cond = Conditioning(ctx, pooled)

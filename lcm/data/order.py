@@ -8,7 +8,7 @@ import random
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from lcm.data.sources import SkipSample, _caption
+from lcm.data.sources import SkipSample, check_caption
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class TrainData(Dataset):
             try:
                 item = self.source.get(i, rng) if hasattr(self.source, "get") else self.source[i]
                 item = dict(item)
-                item["caption"] = _caption(item.get("caption"))
+                item["caption"] = check_caption(item.get("caption"))
             except SkipSample as e:
                 log.warning("skipping sample %d: %s", i, e)
                 continue

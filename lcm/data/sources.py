@@ -89,7 +89,7 @@ def image_header_size(data: bytes) -> tuple[int, int]:
     return h, w
 
 
-def _caption(text) -> str:
+def check_caption(text) -> str:
     text = "" if text is None else str(text).strip()
     if not text:
         raise SkipSample("empty caption")
@@ -170,7 +170,7 @@ class ImageColumns:
             text = next((meta[k] for k in CAPTION_KEYS if k in meta), None) if meta else None
         else:
             raise SkipSample("no .txt, .caption or .json caption")
-        caption = _caption(text)
+        caption = check_caption(text)
         size = _json_size(meta)
         if self.max_pwatermark is not None:
             if bad is not None:
@@ -211,7 +211,7 @@ class LatentColumns:
             raise SkipSample("not a latent sample (.safetensors + .json)")
         try:
             meta = json.loads(read("json"))
-            return dict(meta, caption=_caption(meta.get("caption")))
+            return dict(meta, caption=check_caption(meta.get("caption")))
         except (ValueError, TypeError, AttributeError) as e:
             raise SkipSample(f"broken latent .json: {e}") from None
 
@@ -282,7 +282,7 @@ class ImageFolder(Dataset):
                 raise SkipSample(f"no caption file {txt}") from None
             except OSError as e:                            # vanished or unreadable mid-run
                 raise SkipSample(f"unreadable caption file {txt}: {e}") from None
-        caption = _caption(text)
+        caption = check_caption(text)
         image, size, crop = load_image(path, self.resolution, self.crop, rng, self.flip, self.max_pixels)
         return dict(image=image, caption=caption, original_size=size, crop_top_left=crop)
 
