@@ -5,6 +5,9 @@ demo world's metrics), written to the run dir as results.json, results.md and re
     python evaluate.py n_prompts=16          # quicker
     python evaluate.py --help                # every knob, with its meaning
     python evaluate.py hydra.run.dir=outputs/evaluate/<run>   # resume a killed run (same overrides)
+    python evaluate.py baseline=DDIM         # + each method's paired difference to DDIM, with its interval
+
+Every metric carries a 95% bootstrap interval (lcm/evaluation/stats.py, docs/statistics.md).
 
 The work is the package's: lcm/evaluation/ (metrics, prompt sets, the resumable grid, the report),
 lcm/sampling/build.py (the pipeline), lcm/sampling/outputs.py (the kept images' infotext fields).
@@ -22,8 +25,8 @@ from lcm.sampling.build import build_pipeline
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 OPTION_KEYS = ("reference", "inception_weights", "kid_subsets", "kid_subset_size", "clip_model", "clip_pretrained",
                "aesthetic_weights", "aesthetic_clip_pretrained", "aesthetic_clip_model", "demo_evaluator", "demo_n_ref",
-               "metric_batch")
-METHOD_KEYS = ("name", "solver", "steps", "guidance_scale", "eta", "spacing", "lora_scales", "teacher")
+               "metric_batch", "fid_bootstrap")
+METHOD_KEYS = ("name", "solver", "steps", "guidance_scale", "eta", "spacing", "lora_scales", "teacher", "train_seed")
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -57,10 +60,11 @@ def methods_of(items: list) -> list:
         out.append(Method(name=str(item.get("name") or item["solver"]), solver=pre["name"],
                           steps=[int(s) for s in steps], guidance_scale=float(pick("guidance_scale", 1.0)),
                           eta=pick("eta"), spacing=pick("spacing"), lora_scales=dict(item.get("lora_scales") or {}),
-                          teacher=bool(item.get("teacher", False))))
-    names = [m.name for m in out]
+                          teacher=bool(item.get("teacher", False)),
+                          train_seed=None if item.get("train_seed") is None else int(item["train_seed"])))
+    names = [(m.name, m.train_seed) for m in out]
     if len(set(names)) != len(names):
-        raise ValueError(f"methods need distinct names, got {names}")
+        raise ValueError(f"methods need distinct names (or train_seed), got {[m.name for m in out]}")
     return out
 
 
@@ -71,6 +75,7 @@ def run(cfg: DictConfig) -> list[dict]:
     from lcm.evaluation import MetricSet, load_plugins, load_prompts, run_grid
     from lcm.evaluation.report import write_report
     from lcm.evaluation.runner import check_grid
+    from lcm.evaluation.stats import Bootstrap, compare
     from lcm.sampling.outputs import png_info
     metrics = list(cfg.metrics)
     plugins = list(cfg.metric_plugins or [])
@@ -90,11 +95,15 @@ def run(cfg: DictConfig) -> list[dict]:
                              seed=prompts.seed, height=cfg.height, width=cfg.width))
     config = OmegaConf.to_container(cfg, resolve=True)
     title = f"Evaluation: {os.path.basename(cfg.model.path)}, {len(prompts)} images of prompts={cfg.prompts}"
+    if cfg.baseline is not None and cfg.baseline not in [m.name for m in methods]:
+        raise ValueError(f"baseline={cfg.baseline!r} names no method; methods: {', '.join(m.name for m in methods)}")
+    boot = Bootstrap(int(cfg.bootstrap), int(cfg.bootstrap_seed)) if int(cfg.bootstrap) > 0 else None
     rows = run_grid(pipe, methods, prompts, ms, out_dir, batch_size=int(cfg.batch_size),
                     save_images=bool(cfg.save_images), height=cfg.height, width=cfg.width,
                     on_cell=lambda r: write_report(out_dir, r, config, title, with_plot=False),
-                    png_info=png_info(cfg.model.path, pipe, lora) if cfg.save_images else None)
-    for p in write_report(out_dir, rows, config, title):
+                    png_info=png_info(cfg.model.path, pipe, lora) if cfg.save_images else None, boot=boot)
+    comparisons = compare(rows, boot, str(cfg.baseline)) if cfg.baseline is not None and boot is not None else None
+    for p in write_report(out_dir, rows, config, title, comparisons=comparisons):
         print(p)
     return rows
 

@@ -80,8 +80,9 @@ def test_cli_missing_weights_is_one_line_and_results_json(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     rows = json.load(open(tmp_path / "b" / "results.json"))["rows"]
-    for k in ("method", "solver", "steps", "guidance_scale", "nfe", "seconds_per_image", "demo_acc", "demo_fd"):
-        assert all(k in row for row in rows)
+    for k in ("method", "solver", "steps", "guidance_scale", "nfe", "seconds_per_image", "demo_acc", "demo_fd",
+              "demo_acc_ci", "demo_fd_ci", "demo_diversity", "demo_diversity_ci", "n_images", "n_prompts"):
+        assert all(k in row for row in rows)                   # defaults: intervals, 2 seeds per prompt, diversity
     from PIL import Image
     from sd_parsers import ParserManager                       # kept images carry A1111 infotext
     for cell, sampler, lora in (("LCM-LoRA-1steps", "LCM", "<lora:demo_lcm_lora:1>"), ("teacher-2steps", "DDIM", None)):
@@ -142,6 +143,11 @@ def test_clip_score_is_100_times_the_clamped_cosine_of_open_clip(tmp_path):
     assert ms.reduce({"clip": per_image[:, None]}, prompts)["clip_score"] == pytest.approx(want.mean().item(), abs=1e-3)
     with pytest.raises(FileNotFoundError, match="clip_pretrained"):
         MetricSet(["clip_score"], {"clip_model": "ViT-g-14"}).build()
+    div = MetricSet(["clip_diversity"], {"clip_model": "tiny-clip-test", "clip_pretrained": str(tmp_path / "tiny.pt"),
+                                         "seeds_per_prompt": 3}).build()       # the same extractor's image embedding
+    same = ["a red circle"] * 3
+    assert div.reduce(div.features(images[:1].repeat(3, 1, 1, 1), same), same)["clip_diversity"] == pytest.approx(0, abs=1e-5)
+    assert div.reduce(div.features(images, same), same)["clip_diversity"] > 1e-3
 
 
 def test_validation_metrics_are_logged_against_the_training_step(tmp_path):

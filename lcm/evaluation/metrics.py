@@ -2,11 +2,13 @@
 
     extractor: (images (B,3,H,W) in [0,1], prompts) -> features (B,F)   (kept on disk per image)
     reducer:   (features (N,F) of all images of a cell, prompts) -> {name: value}
+               (a stats.BootReducer also gives bootstrap replicates: lcm/evaluation/stats.py)
 
 Metrics sharing an extractor (FID and KID: InceptionV3 pool3) share its features. Built in:
 `fid`, `kid` (torch-fidelity's InceptionV3, the TF-Inception port behind published FIDs, and its
 metric math) against a folder of reference images or an .npz of (mu, sigma); `clip_score`
-(open_clip, 100 * max(cos, 0), averaged: torchmetrics' CLIPScore and the LCM paper's). Every
+(open_clip, 100 * max(cos, 0), averaged: torchmetrics' CLIPScore and the LCM paper's) and
+`clip_diversity` (mean pairwise 1 - cos of each prompt's CLIP image embeddings). Every
 extractor loads a local weights file; a missing one raises MissingWeights, one line naming the
 file and where to get it. Other metrics (the demo world's classifier) register themselves.
 """
@@ -20,6 +22,8 @@ import os
 from typing import Callable
 
 import torch
+
+from lcm.evaluation.stats import BootReducer, Resample, diversity_reducer, frechet_metric, mean_metric
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,16 @@ class MetricSet:
         out = {}
         for n, s in self.specs.items():
             out |= {k: float(v) for k, v in self._reducers[n](feats[s.extractor], list(prompts)).items()}
+        return out
+
+    def replicates(self, feats: dict[str, torch.Tensor], prompts: list, r: Resample) -> dict:
+        """{key: (unit, (B,) replicates)} of every metric that bootstraps (stats.BootReducer)."""
+        self.build()
+        out = {}
+        for n, s in self.specs.items():
+            red = self._reducers[n]
+            if isinstance(red, BootReducer):
+                out |= {k: (red.unit, v) for k, v in red.replicates(feats[s.extractor], list(prompts), r).items()}
         return out
 
 #----------------------------------------------------------------------------
@@ -226,13 +240,33 @@ def kid_from_features(feats: torch.Tensor, ref_feats: torch.Tensor, subsets: int
 
 def _fid(options: dict, extractor: str = "inception") -> Reducer:
     ref = _reference(options, extractor, need_features=False)
-    return lambda feats, prompts: {"fid": fid_from_features(feats, ref)}
+    if "features" in ref:
+        from torch_fidelity.metric_fid import fid_features_to_statistics
+        ref = {k: v.astype("float64") for k, v in fid_features_to_statistics(ref["features"].double()).items()}
+    mu, sigma = (torch.as_tensor(ref[k], dtype=torch.float64) for k in ("mu", "sigma"))
+    # 2048-dim: each resample costs N 2048^2 + 2048^3 flops (docs/statistics.md), so fewer of them
+    return frechet_metric("fid", mu, sigma, lambda f: fid_from_features(f, ref),
+                          max_draws=int(options.get("fid_bootstrap", 100)))
+
+
+def kid_linear_terms(feats: torch.Tensor, ref_feats: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(N,) h_i - r_i: mean cubic-kernel similarity of generated image i to the other generated images
+    minus to the reference images. MMD^2 moves by 2 mean(h - r) when the generated set is reweighted
+    (its first-order, Hoeffding projection): KID's bootstrap replicates, O(N (N + M) F) once."""
+    x, y = feats.double(), ref_feats.double()
+    k = lambda a, b: (a @ b.T / x.shape[1] + 1) ** 3                                   # noqa: E731
+    h = torch.cat([k(c, x).sum(1) for c in x.split(chunk)])
+    h = (h - (x.square().sum(1) / x.shape[1] + 1) ** 3) / (len(x) - 1)                   # j != i
+    r = torch.cat([k(c, y).mean(1) for c in x.split(chunk)])
+    return h - r
 
 
 def _kid(options: dict, extractor: str = "inception") -> Reducer:
     ref = _reference(options, extractor, need_features=True)["features"]
-    return lambda feats, prompts: kid_from_features(feats, ref, options.get("kid_subsets", 100),
-                                                    options.get("kid_subset_size", 1000))
+    return BootReducer(lambda feats, prompts: kid_from_features(feats, ref, options.get("kid_subsets", 100),
+                                                                options.get("kid_subset_size", 1000)),
+                       lambda feats, prompts, r: {"kid": 2 * kid_linear_terms(feats, ref)[r.images].mean(1)},
+                       unit="image")
 
 #----------------------------------------------------------------------------
 # CLIP score: 100 * max(cos(image, caption), 0) per image with open_clip, averaged.
@@ -256,7 +290,8 @@ def open_clip_model(name: str, path: str, device):
 
 
 def clip_extractor(options: dict) -> Extractor:
-    """open_clip model `clip_model` with local weights `clip_pretrained`; per-image score (B, 1)."""
+    """open_clip model `clip_model` with local weights `clip_pretrained`; per image the score and the
+    normalised image embedding (B, 1 + D): clip_score reads column 0, clip_diversity the rest."""
     import open_clip
     name = options.get("clip_model", "ViT-g-14")
     path = weights_file(options.get("clip_pretrained"), "clip_pretrained", clip_where(name))
@@ -269,7 +304,8 @@ def clip_extractor(options: dict) -> Extractor:
         img = model.encode_image(pixels(images)).float()
         txt = model.encode_text(tokenizer(list(prompts)).to(device)).float()
         cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
-        return (100 * cos.clamp(min=0))[:, None].cpu()              # torchmetrics CLIPScore, per image
+        score = 100 * cos.clamp(min=0)                               # torchmetrics CLIPScore, per image
+        return torch.cat([score[:, None], torch.nn.functional.normalize(img, dim=-1)], 1).cpu()
     return extract
 
 
@@ -316,13 +352,21 @@ def aesthetic_extractor(options: dict) -> Extractor:
     return extract
 
 
+def _clip_embedding(f: torch.Tensor) -> torch.Tensor:
+    if f.shape[1] < 2:
+        raise ValueError("clip_diversity needs the CLIP image embeddings, which features saved before it lack: "
+                         "evaluate into a new run dir")
+    return f[:, 1:]
+
+
 register_extractor("inception", inception_extractor)
 register_extractor("clip", clip_extractor)
 register_metric("fid", "inception", _fid)
 register_metric("kid", "inception", _kid)
-register_metric("clip_score", "clip", lambda options: lambda f, p: {"clip_score": f[:, 0].mean().item()})
+register_metric("clip_score", "clip", lambda options: mean_metric("clip_score", lambda f: f[:, 0]))
+register_metric("clip_diversity", "clip", lambda options: diversity_reducer("clip_diversity", _clip_embedding, options))
 register_extractor("aesthetic", aesthetic_extractor)
-register_metric("aesthetic", "aesthetic", lambda options: lambda f, p: {"aesthetic": f[:, 0].mean().item()})
+register_metric("aesthetic", "aesthetic", lambda options: mean_metric("aesthetic", lambda f: f[:, 0]))
 
 
 def load_plugins(modules) -> None:

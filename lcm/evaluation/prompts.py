@@ -19,9 +19,14 @@ def register_prompt_source(name: str, fn: Callable[[int], list[str]]) -> None:
 class PromptSet:
     prompts: tuple[str, ...]                  # one per image (a prompt repeated seeds_per_prompt times)
     seed: int                                 # image i has seed + i
+    per_prompt: int = 1                       # seeds_per_prompt: image i shows prompt i // per_prompt
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompts) // self.per_prompt
 
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(len(self.prompts))]
@@ -63,4 +68,4 @@ def load_prompts(source: str, n: int | None, seeds_per_prompt: int = 1, seed: in
         raise ValueError(f"prompts={source}: no captions")
     if n is not None and len(caps) < int(n):
         raise ValueError(f"prompts={source} holds {len(caps)} captions, fewer than n_prompts={n}")
-    return PromptSet(tuple(c for c in caps for _ in range(int(seeds_per_prompt))), int(seed))
+    return PromptSet(tuple(c for c in caps for _ in range(int(seeds_per_prompt))), int(seed), int(seeds_per_prompt))

@@ -5,7 +5,9 @@ extractor the metrics need) are written atomically to <out>/cells/<cell>/batch_N
 (with its generation seconds and UNet evaluations), and the images themselves too when
 save_images. A killed run resumes where it stopped: finished batches, and so finished cells, are
 read back, never regenerated. The cell folder name carries a hash of its settings, so changing a
-method's guidance or LoRA scales makes new cells instead of mixing images.
+method's guidance or LoRA scales makes new cells instead of mixing images. With a stats.Bootstrap,
+each row also carries every metric's 95% interval (`<key>_ci`), computed from the stored features,
+so a resumed run's intervals equal a fresh run's.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 
 from lcm.evaluation.metrics import MetricSet
 from lcm.evaluation.prompts import PromptSet
+from lcm.evaluation.stats import Bootstrap
 
 log = logging.getLogger(__name__)
 GRID_FILE = "grid.json"
@@ -37,15 +40,19 @@ class Method:
     spacing: str | None = None
     lora_scales: dict = dataclasses.field(default_factory=dict)   # adapter -> scale for this method
     teacher: bool = False                             # LCM-style adapters at scale 0 (style LoRAs kept)
+    train_seed: int | None = None                     # the training seed of its LoRA (rows of several: stats.seed_summary)
 
     def settings(self, steps: int) -> dict:
+        seed = {} if self.train_seed is None else {"train_seed": int(self.train_seed)}   # old cell names unchanged
         return dict(solver=self.solver, steps=int(steps), guidance_scale=float(self.guidance_scale), eta=self.eta,
-                    spacing=self.spacing, lora_scales=dict(sorted(self.lora_scales.items())), teacher=self.teacher)
+                    spacing=self.spacing, lora_scales=dict(sorted(self.lora_scales.items())), teacher=self.teacher,
+                    **seed)
 
 
 def cell_name(method: Method, steps: int) -> str:
     """<method>-<steps>steps-<hash of the settings>: a folder name."""
     slug = re.sub(r"[^A-Za-z0-9._+-]+", "_", method.name).strip("_") or "method"
+    slug += "" if method.train_seed is None else f"-seed{int(method.train_seed)}"
     h = hashlib.sha1(json.dumps(method.settings(steps), sort_keys=True).encode()).hexdigest()[:8]
     return f"{slug}-{int(steps)}steps-{h}"
 
@@ -162,14 +169,17 @@ def check_grid(out_dir: str, fingerprint: dict) -> None:
 
 def run_grid(pipe, methods: list[Method], prompts: PromptSet, metrics: MetricSet, out_dir: str,
              batch_size: int = 64, save_images: bool = False, height: int | None = None,
-             width: int | None = None, progress: bool = True, on_cell=None, png_info: dict | None = None) -> list[dict]:
+             width: int | None = None, progress: bool = True, on_cell=None, png_info: dict | None = None,
+             boot: Bootstrap | None = None) -> list[dict]:
     """Evaluate every (method, steps) cell; returns one row per cell (settings, NFE, seconds per image,
     every metric). on_cell(rows) is called after each finished cell (e.g. to write the report).
-    png_info: the infotext fields saved images share (image_infotext)."""
+    png_info: the infotext fields saved images share (image_infotext). boot: intervals per metric
+    (`<key>_ci`), the replicates kept in boot.cells for paired comparisons (stats.compare)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
     needed = metrics.extractor_names
     metrics.options.setdefault("cache_dir", out_dir)
+    metrics.options["seeds_per_prompt"] = prompts.per_prompt   # diversity groups images by prompt
     metrics.build()                                   # weights and references load before any sampling
     N, B = len(prompts), int(batch_size)
     base = pipe.adapter_scales() if hasattr(pipe, "adapter_scales") else {}
@@ -221,7 +231,15 @@ def run_grid(pipe, methods: list[Method], prompts: PromptSet, metrics: MetricSet
             cat = {e: torch.cat(v) for e, v in feats.items()}
             row = dict(method=m.name, **{k: v for k, v in m.settings(steps).items() if k != "teacher"},
                        nfe=None if None in nfe else round(sum(nfe) / len(nfe), 3),
-                       seconds_per_image=seconds / N, n_images=N, **metrics.reduce(cat, list(prompts.prompts)))
+                       seconds_per_image=seconds / N, n_images=N, n_prompts=prompts.n_prompts,
+                       **metrics.reduce(cat, list(prompts.prompts)))
+            if boot is not None:
+                t0 = time.perf_counter()
+                reps = metrics.replicates(cat, list(prompts.prompts), boot.resample(prompts.n_prompts, prompts.per_prompt))
+                ci = boot.intervals((m.name, steps, m.train_seed), row, reps)
+                row = {k2: v2 for k, v in row.items() for k2, v2 in ((k, v), (f"{k}_ci", ci.get(f"{k}_ci")))
+                       if k2 == k or f"{k}_ci" in ci}                        # each interval beside its estimate
+                log.debug("bootstrap of %s %d steps: %.2fs", m.name, steps, time.perf_counter() - t0)
             rows.append(row)
             log.info("%s %d steps: %s", m.name, steps, ", ".join(
                 f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float) and k not in ("guidance_scale",)))
