@@ -51,7 +51,7 @@ PLACEHOLDERS = [
 ]
 UNMAPPED = re.compile(r"/weights/|(?<![\w.])/w/|/data/|<\w+>")
 EVAL_SHORT = {"n_prompts": "4", "demo_n_ref": "64", "batch_size": "4"}
-TRAIN_SHORT = {"train.max_steps": "2", "train.validate_every": "0", "train.log_every": "1",
+TRAIN_SHORT = {"train.max_steps": "2", "validation.every": "0", "train.log_every": "1",
                "train.checkpoint_every": "2", "train.batch_size": "2"}
 EXTRA = [                                             # (pattern, overrides) for what a recipe needs first
     (r"experiment=demo_teacher\b", {"model.path": os.path.join(ASSETS, "demo_teacher.safetensors")}),
