@@ -5,6 +5,8 @@
     python train.py -m objective.k=1,5,20,50         # a sweep, one run dir per job
     torchrun --nproc_per_node=2 train.py ...         # DDP (gloo on CPU); rank 0 logs and saves
     python train.py hydra.run.dir=<run> resume=true  # continue a run from its newest checkpoint
+    python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu ...   # SLURM jobs, requeued on time-out
+    python train.py -m hparams_search=demo_lora experiment=demo_lcm_lora       # Optuna; returns optimize.metric
     python train.py task=encode ... encode.out=/c    # the latent cache of data= (then data=latents data.urls=/c)
 """
 import logging
@@ -17,6 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from lcm.cli import USER_ERRORS, help_text, preflight_message, renamed_key_message, run_or_exit
 from lcm.sampling.build import build_pipeline
+from lcm.training.distributed import slurm_env
 
 log = logging.getLogger("train")
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
@@ -79,20 +82,6 @@ def group_choice(group: str) -> str:
     return HydraConfig.get().runtime.choices.get(group)
 
 
-def sweep_name() -> str | None:
-    """The sweep folder's name in a Hydra multirun (e.g. outputs/sweep/psi_k -> psi_k), else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    hc = HydraConfig.get()
-    return os.path.basename(os.path.normpath(hc.sweep.dir)) if hc.mode == RunMode.MULTIRUN else None
-
-
-def overrides() -> list[str]:
-    """This job's command-line overrides (logged as config, so a sweep's runs say what differs)."""
-    from hydra.core.hydra_config import HydraConfig
-    return list(HydraConfig.get().overrides.task)
-
-
 def instantiate(node):
     """hydra.utils.instantiate, with a constructor's own error (e.g. a bad objective.loss) raised as is."""
     from hydra.errors import InstantiationException
@@ -147,6 +136,7 @@ def encode_task(cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """Build everything the config names and train; returns the trainer's summary."""
+    from lcm.training import cluster
     from lcm.training.distributed import init_distributed
     from lcm.training.loop import train
     dist = init_distributed(cfg.model.device)
@@ -159,32 +149,40 @@ def run(cfg: DictConfig) -> dict:
     tcfg = train_config(config["train"])
     vcfg = validation_config(config["validation"], config["model"])
     logger = instantiate(cfg.logger)
-    sweep = sweep_name()
+    sweep = cluster.sweep_name()
     if sweep and logger.group is None:                    # a multirun: its jobs are one wandb group
         logger.group = sweep
-    config["overrides"] = overrides()
-    result = train(pipe, data, tcfg, run_dir, objective, logger, cfg.resume, config, dist,
+    config["overrides"] = cluster.overrides()
+    resume = cluster.launcher_resume(cfg.resume)          # a submitit job: its latest checkpoint, if any
+    result = train(pipe, data, tcfg, run_dir, objective, logger, resume, config, dist,
                    save_base=not config["model"].get("path"), validation=vcfg, optimizer=optimizer_factory(cfg))
+    cluster.requeue_if_stopped(result)                    # a submitit job stopped by SLURM's signal: requeued
+    metric = OmegaConf.select(cfg, "optimize.metric", default="loss")    # what a sweep optimises (optuna)
+    result["value"] = cluster.objective_value(run_dir, metric) if dist.rank == 0 else None
     if dist.rank == 0:
         print(result["export"] if result["status"] == "done" else f"stopped at step {result['step']}: {run_dir}")
     return result
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    out = {}
+
     def job():
         preflight(cfg)
         if cfg.get("task", "train") not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
-        encode_task(cfg) if cfg.get("task") == "encode" else run(cfg)
+        out.update(encode_task(cfg) if cfg.get("task") == "encode" else run(cfg))
     hint = lambda e: f" (set it on the command line, e.g. {e.full_key}=...)" if isinstance(e, MissingMandatoryValue) else ""  # noqa: E731
     run_or_exit("train.py", job, cfg.debug, USER_ERRORS + (TypeError, MissingMandatoryValue), hint)
+    return out.get("value")                               # rank 0 of a training run: optimize.metric's value
 
 
 if __name__ == "__main__":
     if msg := renamed_key_message(sys.argv[1:]):
         print(f"train.py: error: {msg}", file=sys.stderr)
         sys.exit(2)
+    os.environ.update(slurm_env(os.environ))    # `srun python train.py`: RANK etc. from SLURM's variables
     if int(os.environ.get("RANK", 0)) > 0:       # one run dir, chosen on rank 0 (hydra#2070)
         sys.argv += ["hydra.run.dir=.", "hydra/job_logging=stdout"]
     OmegaConf.register_new_resolver("knobs", knobs)

@@ -1,7 +1,9 @@
-"""Process group set-up from torchrun's environment."""
+"""Process group set-up from torchrun's environment, or from SLURM's when srun started one process per task
+(a `hydra/launcher=slurm` job: submitit runs `srun` with tasks_per_node = GPUs)."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +26,37 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+#----------------------------------------------------------------------------
+# SLURM -> torchrun's variables. Only inside an srun step (SLURM_STEP_ID set), so a plain `python train.py`
+# in a batch script or salloc shell with --ntasks=8 stays one process instead of waiting for 7 peers.
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM nodelist: 'gpu[01-03,07],cpu5' -> 'gpu01', 'a1,b2' -> 'a1', 'n[9]' -> 'n9'."""
+    m = re.match(r"\s*([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        raise ValueError(f"cannot read the SLURM nodelist {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0]   # zero padding kept
+
+
+def slurm_port(job_id: str) -> int:
+    """A rendezvous port from the job id: jobs sharing a node (an array's tasks) get different ports."""
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def slurm_env(env: dict) -> dict:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from SLURM's variables; {} when torchrun set
+    them already or this is not a multi-task srun step. MASTER_ADDR/PORT given in env are kept."""
+    if "RANK" in env or "SLURM_STEP_ID" not in env or int(env.get("SLURM_NTASKS", 1)) <= 1:
+        return {}
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"]),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_port(env["SLURM_JOB_ID"]))}
+
 
 def init_distributed(device: str = "cpu") -> Dist:
-    """Join the torchrun process group if there is one (gloo on CPU, nccl on CUDA)."""
+    """Join the torchrun (or SLURM srun) process group if there is one (gloo on CPU, nccl on CUDA)."""
+    os.environ.update(slurm_env(os.environ))
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     dev = torch.device(device)
     if dev.type == "cuda" and world > 1:

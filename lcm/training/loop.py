@@ -220,10 +220,12 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
         dist.barrier()
 
     stop = {"sigterm": False}
+    from lcm.training.cluster import preempt_signal       # SLURM's pre-timeout signal via submitit (USR2)
     try:
-        old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+        old_handlers = {s: signal.signal(s, lambda *_: stop.update(sigterm=True))
+                        for s in dict.fromkeys((signal.SIGTERM, preempt_signal()))}
     except ValueError:                                     # not the main thread: no handler
-        old_handler = None
+        old_handlers = {}
     teacher_rows, prompts, status, saved_at, last_loss = [], None, "done", -1, None
     t0, seen, loss_sum, n_loss, nan_skipped, skipped_samples = time.perf_counter(), 0, 0.0, 0, 0, 0
     try:
@@ -314,8 +316,9 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
                 logr.summary(dict(final_step=step, final_loss=last_loss, nan_skipped=nan_skipped,
                                   skipped_samples=skipped_samples))
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for s, h in old_handlers.items():                  # e.g. submitit's requeue handler
+            if h is not None:
+                signal.signal(s, h)
         if logr is not None:
             logr.finish()
     return dict(step=step, status=status, run_dir=run_dir, nan_skipped=nan_skipped,
