@@ -182,7 +182,7 @@ def test_concurrent_writers_never_share_or_overwrite_a_file(tmp_path):
 def test_save_png_never_overwrites_a_written_file(tmp_path):
     from PIL import Image
 
-    import sample
+    from lcm.sampling import png as sample                         # sample.py's PNG writing
     path = sample.free_path(str(tmp_path), "x")
     assert os.path.getsize(path) == 0 and path.endswith("x-000.png")          # reserved, empty
     sample.save_png(Image.new("RGB", (4, 4)), path, {"prompt": "first"})

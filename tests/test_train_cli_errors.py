@@ -48,8 +48,9 @@ def test_help_shows_every_knob_with_its_meaning():
     lines = res.stdout.splitlines()
     top = inline_comments(os.path.join(ROOT, "conf", "train.yaml"))
     train = inline_comments(os.path.join(ROOT, "conf", "train", "lora_distill.yaml"))
-    assert "resume" in top and "k" in train and "max_steps" in res.stdout
-    for indent, comments in (("", top), ("  ", train)):
+    objective = inline_comments(os.path.join(ROOT, "conf", "objective", "lcd_lora.yaml"))
+    assert "resume" in top and "grad_clip" in train and "k" in objective and "max_steps" in res.stdout
+    for indent, comments in (("", top), ("  ", train), ("  ", objective)):
         for key, comment in comments.items():
             assert any(ln.startswith(f"{indent}{key}:") and f"# {comment}" in ln for ln in lines), \
                 f"--help lacks `{indent}{key}: ...  # {comment}`"
