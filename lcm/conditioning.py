@@ -13,7 +13,8 @@ ZERO_UNCOND_FAMILIES = ("sdxl", "ssd1b")               # families whose referenc
 def sdxl_vector(pooled: torch.Tensor, original_size: tuple[int, int], crop_top_left: tuple[int, int],
                 target_size: tuple[int, int]) -> torch.Tensor:
     """SDXL y (B, 1280 + 6*256) = [pooled, emb(orig_h, orig_w), emb(crop_top, crop_left), emb(h, w)]."""
-    ids = torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+    ids = torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32,
+                       device="cpu")
     emb = timestep_embedding(ids, SIZE_EMB_DIM).reshape(1, -1)          # (1, 6*256), [cos, sin] each
     return torch.cat([pooled, emb.to(pooled).expand(pooled.shape[0], -1)], dim=1)
 

@@ -16,7 +16,7 @@ from solvers.schedule import TimeLike, expand_as
 
 def boundary_scalings(t: TimeLike, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
     """(c_skip, c_out), float64 tensors of t's shape; c_skip(0) = 1, c_out(0) = 0."""
-    s = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
+    s = torch.as_tensor(t, dtype=torch.float64, device=t.device if torch.is_tensor(t) else "cpu") * timestep_scaling
     return sigma_data**2 / (s**2 + sigma_data**2), s / (s**2 + sigma_data**2).sqrt()
 
 
@@ -104,8 +104,8 @@ def guidance_embedding(w: torch.Tensor, dim: int = 256, dtype: torch.dtype = tor
     """w (B,) in the LCM convention (w = s - 1) -> (B, dim)."""
     assert w.ndim == 1, f"w must be (B,), got {tuple(w.shape)}"
     half = dim // 2
-    c = torch.log(torch.tensor(10000.0, dtype=dtype)) / (half - 1)    # in dtype, as the reference
-    f = torch.exp(torch.arange(half, dtype=dtype) * -c).to(w.device)
+    c = torch.log(torch.tensor(10000.0, dtype=dtype, device="cpu")) / (half - 1)    # in dtype, as the reference
+    f = torch.exp(torch.arange(half, dtype=dtype, device="cpu") * -c).to(w.device)
     arg = (w * 1000.0).to(dtype)[:, None] * f[None, :]
     emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
     return torch.nn.functional.pad(emb, (0, dim % 2))

@@ -88,7 +88,7 @@ class Pipeline:
             g = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 for p in u.parameters():
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+                    p.add_(0.05 * torch.randn(p.shape, generator=g, device="cpu"))
         config = dict(family=family, text_family=family, unet=unet, vae=vae, text=text) | config
         return cls(u.to(dtype), v, t.to(dtype), family, prediction_type or "epsilon", config=config, dtype=dtype)
 
@@ -299,7 +299,7 @@ class Pipeline:
             if negative_prompt is not None:
                 raise ValueError("this model distils CFG against the empty prompt; negative prompts "
                                  "are not supported")
-            w, s = torch.full((B,), lcm_w(s)), 1.0
+            w, s = torch.full((B,), lcm_w(s), device="cpu"), 1.0
         elif s != 1.0:
             neg = None if negative_prompt is None else (
                 [negative_prompt] * B if isinstance(negative_prompt, str) else list(negative_prompt))

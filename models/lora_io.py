@@ -350,7 +350,7 @@ def export_lora(model: nn.Module, name: str, format: str = "kohya") -> tuple[dic
             continue
         k = "lora_unet_" + dpath[ours].replace(".", "_") if format == "kohya" else ours
         out[f"{k}.lora_down.weight"], out[f"{k}.lora_up.weight"] = down, up
-        out[f"{k}.alpha"] = torch.tensor(alpha, dtype=down.dtype)
+        out[f"{k}.alpha"] = torch.tensor(alpha, dtype=down.dtype, device="cpu")
     if format == "peft":                               # LoraConfig kwargs, as diffusers packs them
         peft = {"r": r0, "lora_alpha": a0, "target_modules": sorted(dpath.values()),
                 "rank_pattern": {dpath[o]: d.shape[0] for o, (d, _, _) in st.items() if d.shape[0] != r0},

@@ -47,7 +47,7 @@ def cast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return w.to(dtype)                                     # a caller still holds it: fresh memory
     if buf is None or buf.numel() < w.numel():
         with torch.inference_mode(False):                      # a normal tensor: writable in any mode
-            buf = torch.empty(w.numel(), dtype=dtype)
+            buf = torch.empty(w.numel(), dtype=dtype, device="cpu")
         bufs[dtype] = buf, _USE_COUNT(buf.untyped_storage()._cdata) if _USE_COUNT else 0
     return buf[:w.numel()].view(w.shape).copy_(w)
 
@@ -167,6 +167,6 @@ def store_frozen(model: nn.Module, dtype: torch.dtype) -> int:
             setattr(model.get_submodule(parent) if parent else model, child, twins[id(m)])
         for p in (m.weight, m.bias):                             # the Parameters the twin holds
             if p is not None and not p.requires_grad and p.dtype != dtype:
-                saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
+                saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype, device="meta").element_size())
                 p.data = p.data.to(dtype)
     return saved

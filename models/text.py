@@ -44,14 +44,14 @@ def tokenize(prompts: list[str], pad_token_id: int, context_length: int = 77,
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    out = torch.full((len(prompts), context_length), pad_token_id, dtype=torch.long)
+    out = torch.full((len(prompts), context_length), pad_token_id, dtype=torch.long, device="cpu")
     dropped = {}
     for i, prompt in enumerate(prompts):
         ids = [SOT] + _bpe().encode(prompt) + [EOT]
         if len(ids) > context_length:
             dropped[i] = len(ids) - context_length
             ids = ids[:context_length - 1] + [EOT]
-        out[i, :len(ids)] = torch.tensor(ids)
+        out[i, :len(ids)] = torch.tensor(ids, device="cpu")
     if dropped and warn:
         warnings.warn(f"{len(dropped)} prompt(s) exceed the {context_length}-token text context; "
                       f"tokens dropped from the end (prompt index: count): {dropped}", stacklevel=2)

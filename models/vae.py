@@ -242,8 +242,8 @@ def _tile_starts(n: int, t: int, stride: int) -> list[int]:
 
 def _ramp(n: int, m: int, rise: bool, fall: bool) -> torch.Tensor:
     """Blend weights (n,): linear over the first/last m pixels where a neighbour overlaps, else 1."""
-    w = torch.ones(n)
-    r = torch.arange(1, m + 1, dtype=torch.float32) / (m + 1)               # never 0
+    w = torch.ones(n, device="cpu")
+    r = torch.arange(1, m + 1, dtype=torch.float32, device="cpu") / (m + 1)               # never 0
     if rise and m:
         w[:m] = torch.minimum(w[:m], r)
     if fall and m:

@@ -22,8 +22,8 @@ class GaussianData:
     def random(cls, dim: int, schedule: Schedule, seed: int = 0) -> "GaussianData":
         """mu ~ U[-1, 1), s0 ~ U[0.1, 2.1), float64."""
         g = torch.Generator().manual_seed(seed)
-        mu = torch.rand(dim, generator=g, dtype=torch.float64) * 2 - 1
-        return cls(mu, torch.rand(dim, generator=g, dtype=torch.float64) * 2 + 0.1, schedule)
+        mu = torch.rand(dim, generator=g, dtype=torch.float64, device="cpu") * 2 - 1
+        return cls(mu, torch.rand(dim, generator=g, dtype=torch.float64, device="cpu") * 2 + 0.1, schedule)
 
     def std(self, t) -> torch.Tensor:
         """std_t = sqrt(alpha_t^2 s0^2 + sigma_t^2), the marginal's std (D,)."""

@@ -13,7 +13,7 @@ def randn(shape, generator: torch.Generator | list[torch.Generator] | None = Non
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        x = torch.cat([torch.randn((1,) + shape[1:], generator=g) for g in generator])
+        x = torch.cat([torch.randn((1,) + shape[1:], generator=g, device="cpu") for g in generator])
     else:
-        x = torch.randn(shape, generator=generator)
+        x = torch.randn(shape, generator=generator, device="cpu")
     return x.to(device=device, dtype=dtype or torch.float32)

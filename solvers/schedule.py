@@ -18,12 +18,12 @@ TimeLike = int | float | torch.Tensor
 
 def _betas(kind: str, beta_start: float, beta_end: float, T: int) -> torch.Tensor:
     if kind == "scaled_linear":                                  # SD: linspace in sqrt(beta)
-        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64, device="cpu") ** 2
     if kind == "linear":
-        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64, device="cpu")
     if kind == "squaredcos_cap_v2":                              # GLIDE cosine, beta capped at 0.999
         f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-        return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+        return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64, device="cpu")
     raise ValueError(f"unknown schedule kind {kind!r}: use 'scaled_linear', 'linear' or 'squaredcos_cap_v2'")
 
 
@@ -32,8 +32,17 @@ def as_t(t: TimeLike) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
         return t
     if isinstance(t, (int, np.integer)):
-        return torch.tensor(int(t), dtype=torch.int64)
-    return torch.tensor(float(t), dtype=torch.float64)
+        return torch.tensor(int(t), dtype=torch.int64, device="cpu")
+    return torch.tensor(float(t), dtype=torch.float64, device="cpu")
+
+
+def check_grid(t: torch.Tensor, T: int) -> None:
+    """Integer timesteps in [0, T): a ValueError for CPU t; asserted on the device otherwise (no host sync)."""
+    inside = (t >= 0) & (t < T)
+    if t.device.type != "cpu" or torch.compiler.is_compiling():     # no graph break either
+        torch._assert_async(inside.all(), f"integer timesteps must be in [0, {T - 1}]")
+    elif not inside.all():
+        raise ValueError(f"integer timesteps must be in [0, {T - 1}], got {t.tolist()}")
 
 
 def expand_as(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -68,12 +77,12 @@ class Schedule:
 
     def log_alpha(self, t: TimeLike) -> torch.Tensor:
         """log(alpha_t), piecewise-linear in t between integer knots (linear extrapolation); shape of t."""
-        t = torch.as_tensor(t, device=self.abar.device)
+        t = t if torch.is_tensor(t) else torch.as_tensor(t, device="cpu")
         la = self._la
         if not t.is_floating_point():
-            if ((t < 0) | (t >= self.T)).any():
-                raise ValueError(f"integer timesteps must be in [0, {self.T - 1}], got {t.tolist()}")
-            return la[t]                                         # exact table value on the grid
+            check_grid(t, self.T)
+            return la[t.to(la.device)]                           # exact table value on the grid
+        t = t.to(self.abar.device)
         t = t.double()
         i = t.floor().clamp(0, self.T - 2).long()
         f = t - i

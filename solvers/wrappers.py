@@ -70,7 +70,7 @@ def eps_to_x0(eps: torch.Tensor, x: torch.Tensor, t: TimeLike, schedule: Schedul
 
 def cfg(cond: torch.Tensor, uncond: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
     """uncond + s * (cond - uncond); equals cond + w * (cond - uncond) with w = s - 1; s () or (B,)."""
-    s = expand_as(torch.as_tensor(s, dtype=torch.float64), cond) if torch.is_tensor(s) else s
+    s = expand_as(torch.as_tensor(s, dtype=torch.float64, device=s.device), cond) if torch.is_tensor(s) else s
     return uncond + s * (cond - uncond)
 
 

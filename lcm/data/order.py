@@ -82,15 +82,15 @@ def collate(items: list[dict]) -> dict:
     return dict(out, caption=[it["caption"] for it in items],
                 original_size=[it["original_size"] for it in items],
                 crop_top_left=[it["crop_top_left"] for it in items],
-                key=torch.tensor([it["key"] for it in items]),
-                index=torch.tensor([it["index"] for it in items]),
+                key=torch.tensor([it["key"] for it in items], device="cpu"),
+                index=torch.tensor([it["index"] for it in items], device="cpu"),
                 skipped=sum(it["skipped"] for it in items))
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of one epoch (n,), a pure function of (seed, epoch)."""
     g = torch.Generator().manual_seed(hash_seed(seed, epoch, "epoch"))
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=g, device="cpu")
 
 
 def hash_seed(*parts) -> int:
@@ -119,8 +119,8 @@ class StepSampler(torch.utils.data.Sampler):
         if not self.shuffle:
             return epoch * self.n + i
         if self._perm[0] != epoch:
-            self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch))
-        return epoch * self.n + int(self._perm[1][i])
+            self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch).tolist())
+        return epoch * self.n + self._perm[1][i]
 
     def __iter__(self):
         step = self.start_step

@@ -243,7 +243,7 @@ def _fid(options: dict, extractor: str = "inception") -> Reducer:
     if "features" in ref:
         from torch_fidelity.metric_fid import fid_features_to_statistics
         ref = {k: v.astype("float64") for k, v in fid_features_to_statistics(ref["features"].double()).items()}
-    mu, sigma = (torch.as_tensor(ref[k], dtype=torch.float64) for k in ("mu", "sigma"))
+    mu, sigma = (torch.as_tensor(ref[k], dtype=torch.float64, device="cpu") for k in ("mu", "sigma"))
     # 2048-dim: each resample costs N 2048^2 + 2048^3 flops (docs/statistics.md), so fewer of them
     return frechet_metric("fid", mu, sigma, lambda f: fid_from_features(f, ref),
                           max_draws=int(options.get("fid_bootstrap", 100)))

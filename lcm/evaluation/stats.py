@@ -32,7 +32,7 @@ def draw(n_prompts: int, per_prompt: int = 1, n: int = 1000, generator: torch.Ge
     """n bootstrap draws for a set of n_prompts prompts x per_prompt images (generator: seeded, injected)."""
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     P, N = int(n_prompts), int(n_prompts) * int(per_prompt)
-    return Resample(torch.randint(P, (n, P), generator=g), torch.randint(N, (n, N), generator=g), int(per_prompt))
+    return Resample(torch.randint(P, (n, P), generator=g, device="cpu"), torch.randint(N, (n, N), generator=g, device="cpu"), int(per_prompt))
 
 
 def percentile_interval(reps: torch.Tensor, alpha: float = 0.05) -> list[float]:
@@ -41,7 +41,7 @@ def percentile_interval(reps: torch.Tensor, alpha: float = 0.05) -> list[float]:
     r = r[~r.isnan()]
     if not len(r):
         return [math.nan, math.nan]
-    q = torch.quantile(r, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=r.dtype))
+    q = torch.quantile(r, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=r.dtype, device=r.device))
     return [q[0].item(), q[1].item()]
 
 
@@ -218,7 +218,7 @@ def seed_summary(rows: list[dict], keys: list[str] | None = None) -> list[dict]:
     out = []
     for (method, steps), rs in groups.items():
         for k in keys or [k for k in rs[0] if f"{k}_ci" in rs[0]]:
-            v = torch.tensor([float(r[k]) for r in rs if r.get(k) is not None], dtype=torch.float64)
+            v = torch.tensor([float(r[k]) for r in rs if r.get(k) is not None], dtype=torch.float64, device="cpu")
             if not len(v):
                 continue
             sd = v.std().item() if len(v) > 1 else math.nan

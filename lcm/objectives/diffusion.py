@@ -35,9 +35,9 @@ def diffusion_loss(model_fn: NetFn, z: torch.Tensor, cond: Conditioning, uncond:
                    p_uncond: float = 0.1) -> tuple[torch.Tensor, dict]:
     """Denoising loss per sample (B,): t ~ U{0..T-1}, MSE on the eps or v target (DDPM / SD)."""
     B, T = z.shape[0], schedule.T
-    t = draw(generator, B, lambda n, g: torch.randint(0, T, (n,), generator=g)).to(z.device)
-    drop = draw(generator, B, lambda n, g: torch.rand(n, generator=g)) < p_uncond
-    eps = draw(generator, B, lambda n, g: torch.randn((n,) + tuple(z.shape[1:]), generator=g))
+    t = draw(generator, B, lambda n, g: torch.randint(0, T, (n,), generator=g, device="cpu")).to(z.device)
+    drop = draw(generator, B, lambda n, g: torch.rand(n, generator=g, device="cpu")) < p_uncond
+    eps = draw(generator, B, lambda n, g: torch.randn((n,) + tuple(z.shape[1:]), generator=g, device="cpu"))
     eps = eps.to(z.device, z.dtype)
     if uncond is not None and p_uncond > 0:                  # caption dropout: learn the uncond branch
         cond = cond.where(drop.to(z.device), uncond)
@@ -94,7 +94,7 @@ class Diffusion(Objective):
             yield
             return
         lo, hi = self.lora_scale
-        u = torch.rand((), generator=torch.Generator().manual_seed(hash_seed(seed, step, "scale")))
+        u = torch.rand((), device="cpu", generator=torch.Generator().manual_seed(hash_seed(seed, step, "scale")))
         lora_lib.set_lora_scales(self.student, {self.lora_name: lo + (hi - lo) * u.item()})
         try:
             yield

@@ -47,9 +47,9 @@ def draw_points(z: torch.Tensor, schedule: Schedule, k: int, generator):
     if k < 1 or T % k:
         raise ValueError(f"skipping step k={k} must divide T={T} (e.g. 1, 5, 10, 20, 50)")
     N = T // k                                               # grid t_j = j k - 1, j = 1..N (step 2)
-    j = draw(generator, B, lambda n, g: torch.randint(1, N + 1, (n,), generator=g))
-    u = draw(generator, B, lambda n, g: torch.rand(n, generator=g, dtype=torch.float64))
-    eps = draw(generator, B, lambda n, g: torch.randn((n,) + tuple(z.shape[1:]), generator=g))
+    j = draw(generator, B, lambda n, g: torch.randint(1, N + 1, (n,), generator=g, device="cpu"))
+    u = draw(generator, B, lambda n, g: torch.rand(n, generator=g, dtype=torch.float64, device="cpu"))
+    eps = draw(generator, B, lambda n, g: torch.randn((n,) + tuple(z.shape[1:]), generator=g, device="cpu"))
     t_nk = j * k - 1                                         # t_{n+k} in {k-1, ..., T-1}
     t_n = (t_nk - k).clamp(min=0)                            # t_n in {0, k-1, ...}; -1 clamped to 0
     return t_nk.to(z.device), t_n.to(z.device), u, eps.to(z.device, z.dtype)
@@ -63,10 +63,10 @@ def grid_index(t_nk: torch.Tensor, k: int) -> torch.Tensor:
 def draw_tcd_s(t_nk: torch.Tensor, k: int, generator) -> torch.Tensor:
     """TCD's s (B,) int64: j ~ U{0..i} for t_{n+k} = grid[i], s = max(grid[j] - k, 0); j = i gives s = t_n.
     One uniform r per sample, j = floor(r (i + 1)), so a sample's draw does not depend on its batch."""
-    i = grid_index(t_nk, k).cpu()
-    r = draw(generator, t_nk.shape[0], lambda n, g: torch.rand(n, generator=g, dtype=torch.float64))
-    j = torch.minimum(torch.floor(r * (i + 1)).long(), i)    # j ~ U{0, ..., i}
-    return ((j + 1) * k - 1 - k).clamp(min=0).to(t_nk.device)   # grid[j] - k = t_n of grid point j
+    i = grid_index(t_nk, k)                                  # on t_nk's device: no host sync
+    r = draw(generator, t_nk.shape[0], lambda n, g: torch.rand(n, generator=g, dtype=torch.float64, device="cpu"))
+    j = torch.minimum(torch.floor(r.to(i.device) * (i + 1)).long(), i)    # j ~ U{0, ..., i} (float64: exact anywhere)
+    return ((j + 1) * k - 1 - k).clamp(min=0)                # grid[j] - k = t_n of grid point j
 
 
 def pcm_phase_edge(t_nk: torch.Tensor, k: int, phases: int, T: int = 1000) -> torch.Tensor:
@@ -144,7 +144,7 @@ def consistency_loss(jump: Jump, student: NetFn, target: NetFn, estimate_fn: Est
     s = jump.draw_s(t_nk, t_n, generator)
     diag = dict(t_nk=t_nk, t_n=t_n, s=s)
     if p_uncond is not None:                                 # drawn even at 0: the stream does not depend on it
-        drop = draw(generator, z.shape[0], lambda n, g: torch.rand(n, generator=g, dtype=torch.float64)) < p_uncond
+        drop = draw(generator, z.shape[0], lambda n, g: torch.rand(n, generator=g, dtype=torch.float64, device="cpu")) < p_uncond
         if p_uncond > 0:
             if uncond is None:
                 raise ValueError("caption dropout (p_uncond > 0) needs the unconditional branch")

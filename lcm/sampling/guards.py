@@ -53,7 +53,7 @@ def sampling_memory(pipe, B: int, height: int, width: int, output: str, s: float
     activations (input and output of one conv; per tile when the VAE decodes in tiles)."""
     f, unet, vae = pipe.latent_factor, pipe.unet, pipe.vae
     h, w = height // f, width // f
-    esize = torch.empty((), dtype=pipe.dtype).element_size()
+    esize = torch.empty((), dtype=pipe.dtype, device="meta").element_size()
     n_unet = B * (2 if float(s) != 1.0 and not pipe.is_full_lcm else 1)        # CFG: cond and uncond
     parts = {"latents": B * unet.in_channels * h * w * 4,
              "UNet skips": n_unet * unet.model_channels * (unet.num_res_blocks + 1) * h * w * esize}

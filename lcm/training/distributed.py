@@ -22,6 +22,13 @@ class Dist:
         torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MIN)
         return t.item()
 
+    def all_min_tensor(self, x: torch.Tensor) -> list[float]:
+        """The elementwise minimum over ranks of a small device tensor, read to the host once."""
+        t = x.detach().reshape(-1).float()
+        if self.world > 1:
+            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MIN)
+        return t.tolist()
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()

@@ -190,7 +190,8 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
         runlog.write_config(run_dir, config)
         logr = runlog.RunLogger(run_dir, logger, config, run_id)
     B, G = cfg.batch_size, cfg.batch_size * dist.world
-    loader = iter(make_loader(dataset, B, cfg.seed, dist.rank, dist.world, step, cfg.num_workers))
+    with torch.device("cpu"):                              # DataLoader's base seed is a default-device tensor
+        loader = iter(make_loader(dataset, B, cfg.seed, dist.rank, dist.world, step, cfg.num_workers))
     encoder = LatentEncoder(pipe, dist.device, cfg.cache, cfg.vae_chunk, train_text=objective.trains_text)
     meta = {"prediction_type": pipe.prediction_type,       # exported: file names, no directories
             "lcm.train_config": json.dumps(runlog.portable(runlog.redact(config), (run_dir,)))}
@@ -237,13 +238,17 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
                 with torch.autocast(dist.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     z, cond, uncond = encoder(batch, gens)
                     loss = objective.loss(student_call, z, cond, uncond, gens)[0].mean()
-                ok = dist.all_min(float(torch.isfinite(loss).item()))
-                if ok:
-                    scaler.scale(loss).backward()
-                    grad_norm = optimizer.unscale_clip_(scaler, step, cfg.grad_clip)
-                    ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+                scaler.scale(loss).backward()              # also at a NaN loss: every rank joins DDP's all-reduce
+                grad_norm = optimizer.unscale_clip_(scaler, step, cfg.grad_clip)
+                finite = torch.isfinite(loss.detach())     # fp16: inf gradients are the scaler's to skip
+                gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP: a DTensor
+                finite = finite if scaler.is_enabled() else finite & torch.isfinite(gn)
+                go = finite.new_full((), not stop["sigterm"])       # SIGTERM: every rank stops at the same step
+                ok, go = (v > 0 for v in dist.all_min_tensor(torch.stack([finite, go])))   # the step's one host read
             if not ok:                                     # NaN/Inf: stop with the step number, or skip it
                 optimizer.zero_grad()
+                if scaler.is_enabled():                    # unscale_ ran: reset the scaler's per-step state
+                    scaler.update()
                 msg = f"non-finite loss or gradient at step {step} (loss={loss.item():.4g})"
                 if cfg.on_nan == "stop":
                     raise FloatingPointError(msg + "; nothing was updated. Set train.on_nan=skip to skip such "
@@ -291,7 +296,7 @@ def _train(pipe, dataset, cfg: TrainConfig, run_dir: str, objective: Objective, 
                 if fsdp:
                     fsdp.reshard(objective.target, objective.teacher)
 
-            stop_now = dist.all_min(0.0 if stop["sigterm"] else 1.0) == 0.0
+            stop_now = not go or (dist.world == 1 and stop["sigterm"])
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop_now:   # checkpoint
                 save(step)
                 saved_at = step
