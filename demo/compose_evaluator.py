@@ -9,10 +9,7 @@ Train the bundled weights: python -m demo.compose_evaluator --train --out assets
 Check them:                python -m demo.compose_evaluator --check assets/compose_evaluator.safetensors
 """
 
-import argparse
 import json
-import math
-import time
 
 import safetensors.torch
 import torch
@@ -20,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from demo.compose import CANONICAL, HEADS, RELATIONS, Attributes, parse_caption, real_batch, sample, world_spec
-from demo.evaluator import FeatureStats, augment, feature_stats
+from demo.evaluator import FeatureStats, cli, feature_stats, fit_heads
 
 ACCURACY_BAR = 0.99                # per head, on fresh real images (--check fails below it)
 COLUMNS = ("shape1", "colour1", "size1", "shape2", "colour2", "size2", "relation")   # caption order
@@ -137,24 +134,9 @@ def train_batch(seed: int, step: int, batch: int, resolution: int) -> tuple[torc
 
 def train_evaluator(steps: int = 8000, batch: int = 64, lr: float = 2e-3, seed: int = 0, resolution: int = 64,
                     log_every: int = 200, model: ComposeEvaluator | None = None) -> tuple[ComposeEvaluator, float]:
-    """AdamW with cosine decay on the summed per-head cross-entropy; returns (model, last loss)."""
+    """The compose evaluator fitted on every combination and crop of world `seed`; returns (model, last loss)."""
     model = model if model is not None else ComposeEvaluator(resolution)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    t0, loss = time.time(), torch.tensor(float("nan"))
-    for step in range(steps):
-        for group in opt.param_groups:                      # cosine from lr to 0
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        x, y = train_batch(seed, step, batch, resolution)
-        logits, _ = model.logits(augment(x, g))            # blur + noise: generated images are softer
-        loss = sum(F.cross_entropy(logits[k], y[k]) for k in HEADS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
-    return model.eval(), loss.item()
+    return fit_heads(model, lambda step: train_batch(seed, step, batch, resolution), steps, lr, seed, log_every)
 
 
 def check(model: ComposeEvaluator, n: int = 1024, seed: int = 12345) -> dict[str, float]:
@@ -165,33 +147,5 @@ def check(model: ComposeEvaluator, n: int = 1024, seed: int = 12345) -> dict[str
 
 #----------------------------------------------------------------------------
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--train", action="store_true", help="train a new evaluator")
-    p.add_argument("--out", default="assets/compose_evaluator.safetensors", help="where --train saves")
-    p.add_argument("--check", metavar="PATH", help="report accuracy of saved weights on fresh samples")
-    p.add_argument("--steps", type=int, default=8000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (the box is shared)")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if not args.train and not args.check:
-        p.error("nothing to do: pass --train and/or --check PATH")
-    if args.train:
-        t0 = time.time()
-        model, _ = train_evaluator(args.steps, args.batch, seed=args.seed)
-        model.save(args.out)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"saved {args.out} ({n_params} parameters, {time.time() - t0:.0f}s)")
-        acc = check(model)
-    if args.check:
-        acc = check(ComposeEvaluator.load(args.check))
-    print("accuracy on fresh samples:", {k: round(v, 4) for k, v in acc.items()})
-    if min(acc.values()) < ACCURACY_BAR:                    # the metrics trust it only above the bar
-        raise SystemExit(f"below {ACCURACY_BAR} on {[k for k, v in acc.items() if v < ACCURACY_BAR]}: "
-                         "train longer (--steps)")
-
-
 if __name__ == "__main__":
-    main()
+    cli(__doc__, ComposeEvaluator, train_evaluator, check, "assets/compose_evaluator.safetensors", 8000, ACCURACY_BAR)
