@@ -92,7 +92,7 @@ class _CastConv2d(torch.autograd.Function):
 class StoredLinear(nn.Linear):
     """nn.Linear whose weight/bias may be stored in another dtype than the input's."""
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == x.dtype:
+        if self.weight.dtype == x.dtype or self.weight.requires_grad:   # trainable: autocast casts it, with its grad
             return F.linear(x, self.weight, self.bias)
         y = _CastLinear.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)   # 2-D: no view out of
         return y.view(*x.shape[:-1], y.shape[-1])                                  # the Function
@@ -101,7 +101,7 @@ class StoredLinear(nn.Linear):
 class StoredConv2d(nn.Conv2d):
     """nn.Conv2d whose weight/bias may be stored in another dtype than the input's."""
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if weight.dtype == x.dtype:
+        if weight.dtype == x.dtype or weight.requires_grad:        # trainable: autocast casts it, with its grad
             return super()._conv_forward(x, weight, bias)
         assert self.padding_mode == "zeros", self.padding_mode
         return _CastConv2d.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
