@@ -565,10 +565,16 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
+@pytest.mark.parametrize("objective,export,rtol", [
+    (["objective.loss=l2"], "lcm.safetensors", 1e-5),
+    # DMD2: G and F each reduced on their own steps (unused parameters), the GAN's batched pass. Its
+    # step-3 loss (1/2|grad|^2 ~ 8e-4, a difference of two passes) reads Adam's amplified summation
+    # noise of steps 1-2 (below): 0.7% apart, measured
+    (["objective=dmd2", "objective.gen_every=2", "objective.gan=true"], "dmd2.safetensors", 2e-2)])
+def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, objective, export, rtol):
     from safetensors.torch import load_file
     common = ["experiment=smoke", "train.max_steps=3", "validation.every=0", "train.checkpoint_every=3",
-              "train.log_every=1", "objective.loss=l2"]
+              "train.log_every=1", *objective]
     r1 = _cli([*common, "train.batch_size=4", f"hydra.run.dir={tmp_path}/one"])
     assert r1.returncode == 0, r1.stderr[-2000:]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -576,10 +582,11 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
                          "train.py", *common, "train.batch_size=2", f"hydra.run.dir={tmp_path}/two"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    a, b = load_file(tmp_path / "one" / "lcm.safetensors"), load_file(tmp_path / "two" / "lcm.safetensors")
+    a, b = load_file(tmp_path / "one" / export), load_file(tmp_path / "two" / export)
     la, lb = ([m["loss"] for m in metrics(tmp_path / d)] for d in ("one", "two"))
     assert len(la) == len(lb) == 3                                         # same samples, same noise
-    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(la[:2]), torch.tensor(lb[:2]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-6, rtol=rtol)
     assert a.keys() == b.keys()            # Adam turns summation-order noise on ~0 gradients (|g| ~ eps)
     va, vb = (torch.cat([t[k].flatten() for k in sorted(a)]) for t in (a, b))  # into up to lr per element
     assert (va - vb).abs().max() <= 1e-3 and (va - vb).norm() <= 1e-4 * va.norm()

@@ -42,6 +42,8 @@ class OptimizerSpec:
     name: str                                  # "student"; DMD2: "generator", "fake_score"
     params: list                               # the parameters this optimizer updates (fp32, requires_grad)
     every: int = 1                             # update on steps where step % every == 0
+    rest: bool = False                         # instead on the steps that rule leaves out (DMD2's fake score)
+    lr_scale: float = 1.0                      # this optimizer's lr = train.lr * lr_scale
 
 
 def as_lora_config(lora) -> LoRAConfig | None:
@@ -54,6 +56,7 @@ class Objective:
     """Base class: subclasses implement setup() and loss(); the rest has working defaults."""
     sampler = "lcm"                     # how the trained network is sampled: a record of lcm.sampling.samplers
     trains_text = False                 # the text towers are trainables (no text caching then)
+    unused_parameters = False           # some trainables get no gradient on some steps (DDP must look for them)
 
     def __init__(self, lora=None, ema_decay: float | None = None):
         self.lora, self.ema_decay = as_lora_config(lora), ema_decay

@@ -97,7 +97,7 @@ def place(pipe, objective: Objective, cfg: TrainConfig, dist: Dist) -> nn.Module
         return fsdp.shard_objective(objective, dist.device, PRECISIONS[cfg.mixed_precision], cfg.frozen_storage)
     return nn.parallel.DistributedDataParallel(
         objective.student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-        find_unused_parameters=cfg.find_unused_parameters)
+        find_unused_parameters=cfg.find_unused_parameters or objective.unused_parameters)
 
 
 def check_precision(objective: Objective, optimizer=None) -> None:

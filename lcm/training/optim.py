@@ -1,9 +1,10 @@
 """The optimizers an objective declares (one or more, each with its update schedule), built from
 one optimizer factory (conf/optimizer/*.yaml, a Hydra `_partial_`) and stepped by the loop.
 
-An objective lists `OptimizerSpec(name, params, every)`: the loop backpropagates the objective's one
-loss each step and updates an optimizer on the steps where `step % every == 0` (DMD2's two
-time-scale rule: the fake score every step, the generator every N-th). One optimizer keeps the
+An objective lists `OptimizerSpec(name, params, every, rest)`: the loop backpropagates the objective's
+one loss each step and updates an optimizer on the steps where `step % every == 0`, or with rest on
+the others (DMD2's two time-scale rule in the alternating form: the generator every N-th step, the
+fake score on the N - 1 steps between). One optimizer keeps the
 state-dict layout of a bare torch optimizer, so resume files stay what they were.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Optimizers:
                              f"{[s.name for s in specs]}")
         factory = factory or default_factory
         self.specs = specs
-        self.opts = [factory(s.params, lr=lr) for s in specs]
+        self.opts = [factory(s.params, lr=lr * s.lr_scale) for s in specs]
         warm = (lambda s: min(1.0, (s + 1) / warmup_steps)) if warmup_steps > 0 else (lambda s: 1.0)
         self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, warm) for o in self.opts]
 
@@ -51,12 +52,13 @@ class Optimizers:
 
     def due(self, step: int) -> list[int]:
         """Indices of the optimizers that update at this (0-based) step."""
-        return [i for i, s in enumerate(self.specs) if step % s.every == 0]
+        return [i for i, s in enumerate(self.specs) if (step % s.every == 0) != s.rest]
 
     def unscale_clip_(self, scaler, step: int, max_norm: float) -> torch.Tensor:
         """Unscale the due optimizers' gradients and clip them per optimizer; the largest norm."""
-        norms = []
-        for i in self.due(step):
+        norms, due = [], self.due(step)
+        assert due, f"no optimizer is due at step {step}: {[(s.name, s.every, s.rest) for s in self.specs]}"
+        for i in due:
             scaler.unscale_(self.opts[i])
             norms.append(torch.nn.utils.clip_grad_norm_(self.specs[i].params, max_norm if max_norm > 0 else math.inf))
         return torch.stack(norms).max() if len(norms) > 1 else norms[0]
