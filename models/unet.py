@@ -2,7 +2,8 @@
 
 An original checkpoint loads strictly after stripping `model.diffusion_model.`; the architecture is
 read from the checkpoint's keys and shapes by `infer_unet_config`, so pruned SDXL variants (SSD-1B,
-Vega) need no new code. Attention is torch's scaled_dot_product_attention.
+Vega) need no new code. Attention is torch's scaled_dot_product_attention; a call under forward-mode
+AD (torch.func.jvp, torch.autograd.forward_ad) takes a plain softmax path instead (`attention_math`).
 
 Speed (CPU matters to users): residual adds and SiLUs run in place on fresh intermediate tensors
 that no backward formula needs, so a forward hook on e.g. `attn1` or `in_layers` sees the tensor
@@ -12,6 +13,7 @@ import math
 import re
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -46,10 +48,11 @@ class Conv2d(StoredConv2d):
 # emb = [cos(t * f_i), sin(t * f_i)], f_i = max_period^(-i / half), i = 0..half-1.
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
-    """(B,) timesteps (int or float) -> (B, dim) float32 embedding, [cos, sin] order."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]                                   # (B, half)
+    """(B,) timesteps (int or float) -> (B, dim) embedding, [cos, sin] order: float32, or float64 for
+    float64 t (a JVP in t, sCM, is then exact to float64)."""
+    half, dt = dim // 2, torch.promote_types(t.dtype, torch.float32)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dt, device=t.device) / half)
+    args = t[:, None].to(dt) * freqs[None]                                    # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
@@ -81,6 +84,21 @@ class ResBlock(nn.Module):
 #----------------------------------------------------------------------------
 # Multi-head attention (Vaswani et al.): softmax(q k^T / sqrt(d)) v, via SDPA.
 # upcast: q, k, v in float32 when the model runs in fp16/bf16 (SD2.1 overflows otherwise).
+# Forward-mode AD (the JVP dF/dt of sCM, arXiv 2410.11081): SDPA's fused kernels (flash, flash for
+# CPU, memory-efficient) have no forward-AD formula (pytorch#128971), so a call whose q, k or v
+# carries a tangent computes the same softmax with plain ops, which all have one.
+
+def has_tangent(*ts: torch.Tensor) -> bool:
+    """True if a tensor carries a forward-AD tangent (a torch.func.jvp input or a make_dual tensor).
+    Outside a dual level unpack_dual returns before any op: free, and torch.compile guards on it."""
+    return any(fwAD.unpack_dual(t).tangent is not None for t in ts)
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, softmax in >= fp32; (B, heads, N, d) x (B, heads, M, d) -> (B, heads, N, d)."""
+    s = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)                       # (B, heads, N, M)
+    return s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(v.dtype) @ v
+
 
 class CrossAttention(nn.Module):
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, upcast: bool = False):
@@ -98,10 +116,11 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)       # (B, heads, N, d)
         k = self.to_k(ctx).unflatten(-1, (self.heads, -1)).transpose(1, 2)     # (B, heads, M, d)
         v = self.to_v(ctx).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        attend = attention_math if has_tangent(q, k, v) else F.scaled_dot_product_attention
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            o = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+            o = attend(q.float(), k.float(), v.float()).to(q.dtype)
         else:
-            o = F.scaled_dot_product_attention(q, k, v)
+            o = attend(q, k, v)
         return self.to_out(o.transpose(1, 2).reshape(B, N, -1))               # (B, N, query_dim)
 
 
