@@ -172,3 +172,62 @@ def test_one_method_per_training_seed_lora_gives_seed_rows_and_a_seed_summary(tm
     s, = stats.seed_summary(rows)
     assert s["n_seeds"] == 2 and s["std"] == 0 and "## Over training seeds" in markdown(rows)
     assert pipe.adapter_scales() == {"s0": 0.0, "s1": 0.0}
+
+
+def test_seed_level_is_the_t_interval_over_seeds_beside_the_generation_interval_of_the_mean():
+    g = torch.Generator().manual_seed(0)
+    r = draw(100, 1, 500, torch.Generator().manual_seed(1))
+    acc = mean_metric("acc", lambda f: f[:, 0])
+    seeds = [(torch.rand(100, 1, generator=g) < p).float() for p in (0.6, 0.7, 0.65)]
+    values = [acc(c, [])["acc"] for c in seeds]
+    reps = [acc.replicates(c, [], r)["acc"] for c in seeds]
+    cis = [stats.interval(v, x, "prompt") for v, x in zip(values, reps)]
+    s = stats.seed_level(values, cis, reps)
+    m = sum(values) / 3
+    sd = (sum((v - m) ** 2 for v in values) / 2) ** 0.5
+    assert s["n_seeds"] == 3 and s["mean"] == pytest.approx(m) and s["std"] == pytest.approx(sd)
+    assert s["ci"] == pytest.approx([m - 4.303 * sd / 3 ** 0.5, m + 4.303 * sd / 3 ** 0.5])
+    # the seed mean's generation interval: the seeds' replicates averaged, so narrower than one seed's
+    assert s["gen_ci"] == pytest.approx(stats.interval(m, torch.stack(reps).double().mean(0), "prompt"))
+    assert s["gen_ci"][1] - s["gen_ci"][0] < s["within_seed_ci_width"]
+    one = stats.seed_level(values[:1], cis[:1], reps[:1])
+    assert one["ci"] is None and one["std"] is None and one["gen_ci"] == pytest.approx(cis[0])
+
+
+def test_welch_interval_covers_a_known_difference_of_three_seeds_each():
+    g = torch.Generator().manual_seed(0)
+    covered, R = 0, 400
+    for _ in range(R):
+        a = (0.70 + 0.02 * torch.randn(3, generator=g)).tolist()
+        b = (0.65 + 0.04 * torch.randn(3, generator=g)).tolist()           # unequal spreads
+        lo, hi = stats.welch_interval(a, b)["ci"]
+        covered += lo <= 0.05 <= hi
+    assert 0.93 <= covered / R <= 0.995, covered
+    assert stats.welch_interval([0.5], [0.4, 0.6]) is None
+
+
+def test_config_difference_needs_both_the_prompt_and_the_seed_interval_to_exclude_0():
+    g = torch.Generator().manual_seed(0)
+    P, r = 200, draw(200, 1, 500, torch.Generator().manual_seed(1))
+    acc = mean_metric("acc", lambda f: f[:, 0])
+    base = (torch.rand(P, 1, generator=g) < 0.5).float()
+
+    def seeds(extra: float):                   # 3 trainings: the base's prompts plus ~extra more right each
+        cs = [torch.maximum(base, (torch.rand(P, 1, generator=g) < extra).float()) for _ in range(3)]
+        return [acc(c, [])["acc"] for c in cs], [acc.replicates(c, [], r)["acc"] for c in cs]
+    (a, ra), (b, rb) = seeds(0.5), seeds(0.02)
+    d = stats.config_difference(a, b, ra, rb)
+    assert d["diff"] > 0.15 and d["gen_ci"][0] > 0 and d["seed_ci"][0] > 0 and d["excludes_0"] is True
+    assert d["n_seeds"] == [3, 3]
+    (c, rc) = seeds(0.02)
+    null = stats.config_difference(c, b, rc, rb)
+    assert null["excludes_0"] is False and null["seed_ci"][0] <= 0 <= null["seed_ci"][1]
+    # the prompts say "different", the seeds disagree: not resolved
+    wild = [b[0] + 0.1, b[0] - 0.05, b[0] + 0.12]
+    shifted = [x + 0.1 for x in rb]
+    w = stats.config_difference(wild, [b[0]] * 3, shifted, [rb[0]] * 3)
+    assert w["gen_ci"][0] > 0 and w["seed_ci"][0] < 0 < w["seed_ci"][1] and w["excludes_0"] is False
+    # one seed a side: the paired bootstrap alone, as evaluate.py's compare()
+    one = stats.config_difference(a[:1], b[:1], ra[:1], rb[:1])
+    assert one["seed_ci"] is None and one["excludes_0"] == (one["gen_ci"][0] > 0)
+    assert stats.config_difference(a[:1], b[:1])["excludes_0"] is None     # no replicates, no seeds: no verdict

@@ -228,3 +228,99 @@ def seed_summary(rows: list[dict], keys: list[str] | None = None) -> list[dict]:
                             mean=v.mean().item(), ci=[v.mean().item() - half, v.mean().item() + half], std=sd,
                             within_seed_ci_width=sum(widths) / len(widths) if widths else math.nan))
     return out
+
+#----------------------------------------------------------------------------
+# Configurations trained with several seeds (demo.sweep report, demo.compare): a configuration's value
+# over its seeds, with the generation uncertainty inside them, and a verdict against a reference.
+
+
+def _mean_reps(reps: list | None) -> torch.Tensor | None:
+    """The elementwise mean of several seeds' replicates (one shared draw, so replicate b of every seed
+    resampled the same prompts / images), truncated to the shortest; None when any seed lacks them."""
+    if not reps or any(r is None for r in reps):
+        return None
+    n = min(len(r) for r in reps)
+    return torch.stack([torch.as_tensor(r, dtype=torch.float64, device="cpu")[:n] for r in reps]).mean(0)
+
+
+def seed_level(values: list[float], cis: list | None = None, reps: list | None = None,
+               unit: str = "prompt", alpha: float = 0.05) -> dict:
+    """One configuration's metric over its training seeds; values: one estimate per seed, every seed
+    evaluated on the same prompts and generation seeds. Returns
+      n_seeds, mean, std (the seeds' sample std; None for one seed);
+      ci: the 95% Student-t interval of the mean over seeds, mean +- t_{0.975, n-1} std / sqrt(n) (None for
+          one seed). Why t and not a bootstrap over seeds: with 3 seeds a bootstrap has 10 distinct
+          resamples and its percentile interval covers a normal mean only ~75% of the time (it ignores
+          the n - 1 degrees of freedom); the t-interval is exact for normal seed-level values and robust
+          for the mean of a few roughly symmetric ones. It answers "how far would other training seeds
+          move this number on these prompts": the prompt set is shared by all seeds, so its sampling
+          error is common to every seed and cancels from their spread;
+      gen_ci: the generation uncertainty, "how far would other prompts / images move it": the interval
+          (`interval`, with alpha) of the seeds' bootstrap replicates averaged seed by seed, i.e. the
+          bootstrap over prompts (per-image metrics) or images (set metrics) of the seed mean (None
+          without replicates; with one seed it is that seed's own interval);
+      within_seed_ci_width: the mean width of the seeds' own (generation) intervals cis (None without).
+    Only the 95% level is tabulated for t (alpha applies to gen_ci)."""
+    v = torch.tensor([float(x) for x in values], dtype=torch.float64, device="cpu")
+    n = len(v)
+    if not n:
+        raise ValueError("seed_level needs at least one seed's value")
+    mean = v.mean().item()
+    sd = v.std().item() if n > 1 else None
+    half = t_quantile(n - 1) * sd / math.sqrt(n) if n > 1 else None
+    widths = [c[1] - c[0] for c in (cis or []) if c]
+    r = _mean_reps(reps)
+    return dict(n_seeds=n, mean=mean, std=sd, ci=[mean - half, mean + half] if half is not None else None,
+                gen_ci=interval(mean, r, unit, alpha) if r is not None else None,
+                within_seed_ci_width=sum(widths) / len(widths) if widths else None)
+
+
+def welch_interval(a: list[float], b: list[float]) -> dict | None:
+    """95% Welch t-interval of mean(a) - mean(b) for two independent sets of training seeds (unequal
+    variances; Welch-Satterthwaite degrees of freedom, rounded down: conservative). None when either
+    side has fewer than 2 seeds (its spread is not measured)."""
+    x = torch.tensor([float(v) for v in a], dtype=torch.float64, device="cpu")
+    y = torch.tensor([float(v) for v in b], dtype=torch.float64, device="cpu")
+    if len(x) < 2 or len(y) < 2:
+        return None
+    va, vb = x.var().item() / len(x), y.var().item() / len(y)
+    diff, se = x.mean().item() - y.mean().item(), math.sqrt(va + vb)
+    if se == 0:
+        return dict(diff=diff, ci=[diff, diff], df=float(len(x) + len(y) - 2))
+    df = (va + vb) ** 2 / (va ** 2 / (len(x) - 1) + vb ** 2 / (len(y) - 1))
+    half = t_quantile(max(1, math.floor(df))) * se
+    return dict(diff=diff, ci=[diff - half, diff + half], df=df)
+
+
+def _excludes_0(ci) -> bool:
+    return bool(ci[0] > 0 or ci[1] < 0)
+
+
+def config_difference(a: list[float], b: list[float], reps_a: list | None = None, reps_b: list | None = None,
+                      unit: str = "prompt", alpha: float = 0.05) -> dict:
+    """Configuration A minus reference B, both evaluated on the same prompts and generation seeds; a, b:
+    one estimate per training seed (seeds are not paired: A's seed 0 and B's seed 0 are different
+    trainings), reps_a, reps_b: each seed's bootstrap replicates from one shared draw. Returns
+      diff: mean over A's seeds - mean over B's;
+      gen_ci: paired bootstrap of the difference (each side's replicates averaged over its seeds, then
+          differenced replicate by replicate: the same prompts / images resampled for both), as
+          `compare` does for one LoRA each; None without replicates;
+      seed_ci (+ seed_df): `welch_interval` over training seeds; None unless both have >= 2 seeds;
+      excludes_0: True when every available interval excludes 0 on the same side (a verdict must
+          survive both the prompt noise and the training-seed noise), False when one does not, None
+          when neither interval is available;
+      n_seeds: (len(a), len(b))."""
+    ma = torch.tensor([float(v) for v in a], dtype=torch.float64).mean().item()
+    mb = torch.tensor([float(v) for v in b], dtype=torch.float64).mean().item()
+    diff = ma - mb
+    ra, rb = _mean_reps(reps_a), _mean_reps(reps_b)
+    gen = None
+    if ra is not None and rb is not None:
+        n = min(len(ra), len(rb))
+        gen = interval(diff, ra[:n] - rb[:n], unit, alpha)
+    w = welch_interval(a, b)
+    cis = [c for c in (gen, w and w["ci"]) if c]
+    signs = {c[0] > 0 for c in cis if _excludes_0(c)}
+    verdict = None if not cis else bool(all(_excludes_0(c) for c in cis) and len(signs) == 1)
+    return dict(diff=diff, gen_ci=gen, seed_ci=w["ci"] if w else None, seed_df=w["df"] if w else None,
+                excludes_0=verdict, n_seeds=[len(a), len(b)])
