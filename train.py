@@ -153,6 +153,8 @@ def run(cfg: DictConfig) -> dict:
     if sweep and logger.group is None:                    # a multirun: its jobs are one wandb group
         logger.group = sweep
     config["overrides"] = cluster.overrides()
+    config["configuration"] = cluster.configuration(config["overrides"])   # wandb groups seeds by it
+    config["seed"] = tcfg.seed
     resume = cluster.launcher_resume(cfg.resume)          # a submitit job: its latest checkpoint, if any
     result = train(pipe, data, tcfg, run_dir, objective, logger, resume, config, dist,
                    save_base=not config["model"].get("path"), validation=vcfg, optimizer=optimizer_factory(cfg))

@@ -42,6 +42,7 @@ import time
 import torch
 
 from lcm.evaluation import stats
+from lcm.training import cluster
 
 STEPS = (1, 2, 4, 8)
 CURVE_STEPS = (4, 1)                            # the paper's figure: 4-step sampling vs training iterations;
@@ -51,8 +52,6 @@ METRICS = (("acc", "prompt"), ("fd", "image"))  # the demo metrics and their boo
 RECIPE = dict(psi="ddim", k=20, w=(2.0, 4.0), rank=16)   # experiment=demo_lcm_lora: the default reference
 BOOT_FILE = "eval_boot.safetensors"
 # overrides that do not change what a run trains: left out of its configuration
-BOOKKEEPING = ("train.seed=", "resume=", "hydra.", "logger", "train.checkpoint_every=", "train.keep_checkpoints=",
-               "debug=")
 
 #----------------------------------------------------------------------------
 # Finding runs.
@@ -65,11 +64,9 @@ def _lora(cfg: dict) -> dict:
 
 
 def configuration(cfg: dict) -> str:
-    """A run's configuration as its command-line overrides without the training seed and bookkeeping
-    (config.json's `overrides`; '' for runs that did not record them): the jobs of a seed x config
-    sweep that differ only in train.seed share it."""
-    return " ".join(sorted(o.lstrip("+~") for o in cfg.get("overrides") or []
-                           if not o.lstrip("+~").startswith(BOOKKEEPING)))
+    """A run's configuration (lcm.training.cluster.configuration of config.json's `overrides`; '' for
+    runs that did not record them)."""
+    return cluster.configuration(cfg.get("overrides"))
 
 
 def train_seed(cfg: dict):

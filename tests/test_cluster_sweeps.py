@@ -7,6 +7,7 @@ run, bit for bit.
 No cluster here: the local executor runs the same launcher, pickles, signal handlers and requeue protocol
 (its requeue is an exit code its controller restarts on; SLURM's is `scontrol requeue`, not run here)."""
 import glob
+import json
 import os
 import pickle
 import signal
@@ -122,6 +123,9 @@ def test_submitit_local_sweep_two_jobs(tmp_path):
             "train.seed=0,1", f"hydra.sweep.dir={sweep}"])
     losses = [_last_loss(sweep / str(j)) for j in (0, 1)]
     assert all((sweep / str(j) / "lcm.safetensors").is_file() for j in (0, 1)) and losses[0] != losses[1]
+    cfgs = [json.load(open(sweep / str(j) / "config.json")) for j in (0, 1)]   # wandb groups seeds by these
+    assert [c["seed"] for c in cfgs] == [0, 1] and cfgs[0]["configuration"] == cfgs[1]["configuration"]
+    assert "train.max_steps=2" in cfgs[0]["configuration"] and "seed" not in cfgs[0]["configuration"]
     results = sorted(glob.glob(str(sweep / ".submitit" / "*" / "*_result.pkl")))
     returned = sorted(pickle.load(open(p, "rb"))[1].return_value for p in results)   # ("success", JobReturn)
     assert len(results) == 2 and returned == sorted(losses)

@@ -59,6 +59,17 @@ def overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
+BOOKKEEPING = ("train.seed=", "resume=", "hydra.", "logger", "train.checkpoint_every=", "train.keep_checkpoints=",
+               "debug=")
+
+
+def configuration(overrides: list[str]) -> str:
+    """A run's configuration: its command-line overrides without the training seed and bookkeeping, so
+    the jobs of a seed x configuration sweep that differ only in train.seed share it (logged as the
+    wandb config field `configuration`, beside `seed`, for wandb's grouping; read by demo.sweep)."""
+    return " ".join(sorted(o.lstrip("+~") for o in overrides or [] if not o.lstrip("+~").startswith(BOOKKEEPING)))
+
+
 def objective_value(run_dir: str, metric: str = "loss") -> float:
     """What a sweep's job returns (Optuna optimises it): the last value of `metric` in the run's
     metrics.jsonl, else the last logged loss (e.g. the metric is a validation one and validation was off),
