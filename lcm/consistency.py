@@ -32,15 +32,16 @@ def f_theta(z: torch.Tensor, x0_hat: torch.Tensor, t: TimeLike,
 # The spec a few-step checkpoint was distilled with; the sampler grid and scalings must agree with it.
 
 META_KEY = "lcm.spec"
-OBJECTIVES = ("lcm", "tcd", "pcm")    # which few-step sampler the weights expect (solver of the same name)
+OBJECTIVES = ("lcm", "tcd", "pcm", "scm")   # which few-step sampler the weights expect (solver of the same name)
 
 
 @dataclass(frozen=True)
 class ConsistencySpec:
     num_ddim_timesteps: int = 50       # origin grid size N; skip k = T // N (docs/method.md Sec. 3, step 2)
-    sigma_data: float = 0.5            # boundary scalings (LCM only; TCD and PCM use the DDIM form)
+    sigma_data: float = 0.5            # boundary scalings (LCM only; TCD and PCM use the DDIM form); sCM: TrigFlow's
+                                       # sigma_d, a record only (its sampler is x0_hat at SD timesteps for any sigma_d)
     timestep_scaling: float = 10.0     # s = timestep_scaling * t inside c_skip / c_out only
-    objective: str = "lcm"             # lcm | tcd | pcm: the distillation objective = the matching sampler
+    objective: str = "lcm"             # lcm | tcd | pcm | scm: the distillation objective = the matching sampler
     phases: int | None = None          # PCM: the number of phases M (its default step count); else None
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ replaced by its Stored twin holding the same Parameters, so names, state-dict ke
 import threading
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -56,9 +57,13 @@ def cast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class _CastLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(weight)                           # the stored (half) weight, not a copy
+    def forward(x, weight, bias):
         return F.linear(x, cast_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])                       # the stored (half) weight, not a copy
+        ctx.save_for_forward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad):
@@ -67,14 +72,24 @@ class _CastLinear(torch.autograd.Function):
             return None, None, None
         return grad @ cast_weight(weight, grad.dtype), None, None         # dL/dx = dL/dy W
 
+    @staticmethod
+    def jvp(ctx, x_dot, w_dot, b_dot):                          # forward AD (a JVP, sCM): d(x W^T) = x_dot W^T
+        (weight,) = ctx.saved_tensors
+        return F.linear(x_dot, weight.to(x_dot.dtype))
+
 
 class _CastConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(weight)
-        ctx.conf, ctx.x_shape = (stride, padding, dilation, groups), x.shape
+    def forward(x, weight, bias, stride, padding, dilation, groups):
         return F.conv2d(x, cast_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype),
                         stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, *conf = inputs
+        ctx.save_for_backward(weight)
+        ctx.save_for_forward(weight)
+        ctx.conf, ctx.x_shape = tuple(conf), x.shape
 
     @staticmethod
     def backward(ctx, grad):
@@ -83,6 +98,16 @@ class _CastConv2d(torch.autograd.Function):
             return None, None, None, None, None, None, None
         gx = torch.nn.grad.conv2d_input(ctx.x_shape, cast_weight(weight, grad.dtype), grad, *ctx.conf)
         return gx, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_dot, *_):                                    # d conv(x, W) = conv(x_dot, W)
+        (weight,) = ctx.saved_tensors
+        return F.conv2d(x_dot, weight.to(x_dot.dtype), None, *ctx.conf)
+
+def has_tangent(*ts: torch.Tensor) -> bool:
+    """True if a tensor carries a forward-AD tangent (a torch.func.jvp input or a make_dual tensor).
+    Outside a dual level unpack_dual returns before any op: free, and torch.compile guards on it."""
+    return any(fwAD.unpack_dual(t).tangent is not None for t in ts)
 
 #----------------------------------------------------------------------------
 # The casting layers. StoredConv2d replaces only nn.Conv2d._conv_forward (the op itself), so a

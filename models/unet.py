@@ -13,12 +13,11 @@ import math
 import re
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.storage import StoredConv2d, cast_weight
+from models.storage import StoredConv2d, cast_weight, has_tangent
 
 GROUPS = 32                                # GroupNorm groups everywhere in SD (LDM `normalization`)
 GEMM_CONV_MAX_ROWS = 256                   # CPU: 3x3 convs with batch*H_out*W_out <= this run as one GEMM
@@ -32,7 +31,8 @@ class Conv2d(StoredConv2d):
     """nn.Conv2d (3x3 or any; cast-aware for frozen fp16/bf16 storage, models/storage.py); fp32 CPU
     inference of small 3x3 outputs goes through unfold + GEMM."""
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.kernel_size != (3, 3) or torch.is_grad_enabled():
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.kernel_size != (3, 3) or torch.is_grad_enabled()
+                or has_tangent(x)):                                                 # a JVP: the plain ops
             return super().forward(x)
         (B, _, H, W), (p, q), (s, r), Co = x.shape, self.padding, self.stride, self.out_channels
         Ho, Wo = (H + 2 * p - 3) // s + 1, (W + 2 * q - 3) // r + 1
@@ -87,12 +87,6 @@ class ResBlock(nn.Module):
 # Forward-mode AD (the JVP dF/dt of sCM, arXiv 2410.11081): SDPA's fused kernels (flash, flash for
 # CPU, memory-efficient) have no forward-AD formula (pytorch#128971), so a call whose q, k or v
 # carries a tangent computes the same softmax with plain ops, which all have one.
-
-def has_tangent(*ts: torch.Tensor) -> bool:
-    """True if a tensor carries a forward-AD tangent (a torch.func.jvp input or a make_dual tensor).
-    Outside a dual level unpack_dual returns before any op: free, and torch.compile guards on it."""
-    return any(fwAD.unpack_dual(t).tangent is not None for t in ts)
-
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v, softmax in >= fp32; (B, heads, N, d) x (B, heads, M, d) -> (B, heads, N, d)."""

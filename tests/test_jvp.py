@@ -218,3 +218,21 @@ def test_bad_arguments_raise():
         jvp(torch.sin, (x,), (x,), method="forward")
     with pytest.raises(ValueError, match="tangents must match"):
         jvp(torch.sin, (x,), (x[:2],), method="fd")
+
+
+def test_jvp_through_frozen_storage_equals_the_rounded_fp32_unet():
+    """train.frozen_storage=float16: the casting layers' custom Functions carry a jvp rule (torch.func needs
+    setup_context), the CPU conv fast path steps aside; the JVP equals the fp32 UNet's whose frozen weights
+    are the fp16-rounded ones (weights on a 2^-12 grid of |w| < 1: exact in fp16)."""
+    import copy
+
+    from models.storage import store_frozen
+    ref = tiny_unet().float().requires_grad_(False)
+    stored = copy.deepcopy(ref)
+    store_frozen(stored, torch.float16)
+    assert {p.dtype for p in stored.parameters()} == {torch.float16, torch.float32}
+    x, t, c = (v.float() for v in inputs())
+    primals, tangents = (x, t, c), (torch.randn_like(x), torch.ones_like(t), torch.zeros_like(c))
+    out_r, dot_r = jvp(lambda *a: ref(*a), primals, tangents)
+    out_s, dot_s = jvp(lambda *a: stored(*a), primals, tangents)
+    assert rel(out_s, out_r) < 1e-5 and rel(dot_s, dot_r) < 1e-4

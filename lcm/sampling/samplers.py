@@ -78,6 +78,12 @@ def _run_tcd(model, x, ts, schedule, o: Options):
                                  callback=o.callback)
 
 
+def _run_scm(model, x, ts, schedule, o: Options):
+    """sCM's multistep sampler (FastGen `_student_sample_loop`): f_theta(x, tau_i) = cos x - sigma_d sin F = x0_hat
+    at t_SD(tau_i) for any sigma_d, re-noised to tau_{i+1}: the LCM sampler in DDIM form (no c_skip / c_out)."""
+    return lcm_solver.sample_lcm(model.x0, x, ts, schedule, generator=o.generator, callback=o.callback)
+
+
 def _run_ddim(model, x, ts, schedule, o: Options):
     """DDIM (eta); PCM samples with it: deterministic jumps between phase edges."""
     return ddim.sample_ddim(model.eps, x, ts, schedule, eta=o.eta, generator=o.generator, callback=o.callback)
@@ -113,6 +119,12 @@ def _pcm_grid(steps, spec, spacing, strength):
     if (m := spec.phases) and steps % m and m % steps:
         log.warning("PCM weights with %d phases sampled in %d steps cross phase edges mid-phase", m, steps)
     return pcm_timesteps(steps, spec.num_ddim_timesteps)
+
+
+def _scm_grid(steps, spec, spacing, strength):
+    """sCM: trailing SD timesteps from tau_max = tau(999) (pure noise, SNR > 0): [999, 499] (tau_mid = 1.016),
+    [999, 749, 499, 249] for 4 steps (DMD2's grid, so rCM's backward simulation and the sampler agree)."""
+    return spaced_timesteps(steps, "trailing")
 
 
 def _ddim_grid(steps, spec, spacing, strength):
@@ -153,6 +165,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("lcm", _run_lcm, _k_grid, "LCM", few_step=True, k_grid=True, steps_hint=8, guidance_hint=2.0),
     Sampler("tcd", _run_tcd, _k_grid, "TCD", few_step=True, eta=0.3, k_grid=True, steps_hint=8),
     Sampler("pcm", _run_ddim, _pcm_grid, "PCM", few_step=True),
+    Sampler("scm", _run_scm, _scm_grid, "sCM", few_step=True, steps_hint=4, guidance_hint=2.0),
     Sampler("ddim", _run_ddim, _ddim_grid, "DDIM", eta=0.0, psi=_psi_ddim, psi_calls=2),
     Sampler("euler", _run_euler, _ddim_grid, "Euler", start=_euler_start),
     Sampler("dpmsolver", _run_dpm_solver, _dpm_grid, "DPM2", nfe_per_step=2, psi=_psi_dpm_solver, psi_calls=4),
