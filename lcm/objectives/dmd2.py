@@ -144,61 +144,91 @@ class DMD2(Objective):
     # The loss of one step.
 
     def loss(self, student_call, z, cond, uncond, generator):
-        schedule, pt = self.schedule(z.device), self.pipe.prediction_type
-        B, grid = z.shape[0], lcm_grid(self.steps, schedule.T)[::-1]          # e.g. [999, 749, 499, 249]
-        # Per-sample draws, all of them every step (draw order: x_T, re-noise eps per grid point, DM t and
-        # eps, then the fake score's (t, dropout, eps) inside diffusion_loss, then the GAN's t' and eps').
-        randn = lambda: draw(generator, B, lambda n, g: torch.randn((n,) + tuple(z.shape[1:]), generator=g, device="cpu")).to(z)
-        x_T, renoise = randn(), [randn() for _ in grid[1:]]
-        t_dm = draw(generator, B, lambda n, g: torch.randint(self.dm_t[0], self.dm_t[1] + 1, (n,), generator=g, device="cpu"))
-        eps_dm = randn()
-        g = torch.Generator().manual_seed(hash_seed(self._seed, self._step, "dmd2.k"))
-        k = int(torch.randint(len(grid), (), generator=g, device="cpu"))                  # one grid point per step, equal on all ranks
-
-        G = lambda net: (lambda x, t: f_theta(x, guided(net, cond, None, None, schedule, pt).x0(x, t), t, self.spec))
-        if self.backsim:                                                     # G's k earlier steps, no grad
-            with torch.no_grad():
-                x_in, t_in = backward_simulation(G(unet_net(self.student)), x_T, renoise, grid, k, schedule)
-        else:                                                                # data noised to grid[k] (DMD2 without backsim)
-            x_in, t_in = (x_T if k == 0 else schedule.add_noise(z, x_T, grid[k])), grid[k]
-        t_in = torch.full((B,), t_in, device=z.device, dtype=torch.long)
-
+        schedule = self.schedule(z.device)
+        draws = self.draw_generator_inputs(z, generator)
+        x_in, t_in = self.generator_input(z, cond, draws, schedule)
         if self.is_generator_step():                                         # generator step
-            x = G(unet_net(student_call))(x_in, t_in)                        # with grad
-            x_t = schedule.add_noise(x.detach(), eps_dm, t_dm.to(z.device))
-            with torch.no_grad():
-                teacher = guided(unet_net(self.student, self.teacher_ctx), cond, uncond, None, schedule, pt, self.s_real)
-                fake = guided(unet_net(self.student, self.fake_ctx), cond, None, None, schedule, pt)
-                tt = t_dm.to(z.device)
-                mu_real = to_x0(teacher.output(x_t, tt).double(), x_t.double(), tt, schedule, pt)
-                mu_fake = to_x0(fake.output(x_t, tt).double(), x_t.double(), tt, schedule, pt)
-                grad = dm_gradient(x.detach(), mu_real, mu_fake)
-            loss = self.dm_weight * dm_loss(x, grad)
-            self._stats |= dict(dm_loss=loss.detach().mean(), dm_grad_norm=grad.flatten(1).norm(dim=1).mean(),
-                                gen_mean=x.detach().mean(), gen_std=x.detach().std())
+            x = self.generate(unet_net(student_call), cond, schedule)(x_in, t_in)   # with grad
+            loss = self.dm_weight * self.dm_term(x, cond, uncond, draws, schedule)
             if self.gan:
                 loss = loss + self.gan_w[0] * gan_generator_loss(self._logits_frozen(x, cond, generator))
-            return loss, dict(t_in=t_in, t_dm=t_dm, k=k, generator_step=True)
-
+            return loss, dict(t_in=t_in, t_dm=draws["t_dm"], k=draws["k"], generator_step=True)
         with torch.no_grad():                                                # fake-score step: G without grad
-            x = G(unet_net(self.student))(x_in, t_in)
-        x_t, t, eps = self._noised(x, generator)                             # F's diffusion loss on G's samples
+            x = self.generate(unet_net(self.student), cond, schedule)(x_in, t_in)
+        loss, t = self.fake_score_loss(student_call, x, z, cond, generator, schedule)
+        return loss, dict(t_in=t_in, t_fake=t, k=draws["k"], generator_step=False)
+
+    def draw_generator_inputs(self, z: torch.Tensor, generator) -> dict:
+        """Per-sample draws, all of them every step (order: x_T, re-noise eps per grid point, DM t and eps;
+        the fake score's t, eps and the GAN's t', eps' follow in fake_score_loss); the backward-simulation
+        depth k ~ U{0..steps-1}, one per step from (seed, step), equal on all ranks."""
+        B, grid = z.shape[0], self.grid()
+        randn = lambda: draw(generator, B, lambda n, g: torch.randn((n,) + tuple(z.shape[1:]), generator=g,
+                                                                   device="cpu")).to(z)
+        x_T, renoise = randn(), [randn() for _ in grid[1:]]
+        t_dm = draw(generator, B, lambda n, g: torch.randint(self.dm_t[0], self.dm_t[1] + 1, (n,), generator=g,
+                                                             device="cpu")).to(z.device)
+        eps_dm = randn()
+        g = torch.Generator().manual_seed(hash_seed(self._seed, self._step, "dmd2.k"))
+        k = int(torch.randint(len(grid), (), generator=g, device="cpu"))
+        return dict(x_T=x_T, renoise=renoise, t_dm=t_dm, eps_dm=eps_dm, k=k)
+
+    def grid(self) -> list[int]:
+        """G's descending timesteps: the LCM k-grid of `steps` points, e.g. [999, 749, 499, 249]."""
+        return lcm_grid(self.steps, self.pipe.schedule.T)[::-1]
+
+    def generate(self, net, cond, schedule):
+        """G's sample at (x, t): LCM's f_theta = c_skip x + c_out x0_hat (the exported spec's boundary)."""
+        model = guided(net, cond, None, None, schedule, self.pipe.prediction_type)
+        return lambda x, t: f_theta(x, model.x0(x, t), t, self.spec)
+
+    def generator_input(self, z, cond, draws: dict, schedule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_in, t_in (B,)): G's k earlier steps without grad (backward simulation), or data noised to grid[k]."""
+        grid, k, B = self.grid(), draws["k"], z.shape[0]
+        if self.backsim:
+            with torch.no_grad():
+                x_in, t_in = backward_simulation(self.generate(unet_net(self.student), cond, schedule),
+                                                 draws["x_T"], draws["renoise"], grid, k, schedule)
+        else:                                                                # DMD2 without backsim
+            x_in, t_in = (draws["x_T"] if k == 0 else schedule.add_noise(z, draws["x_T"], grid[k])), grid[k]
+        return x_in, torch.full((B,), t_in, device=z.device, dtype=torch.long)
+
+    def dm_term(self, x: torch.Tensor, cond, uncond, draws: dict, schedule) -> torch.Tensor:
+        """The distribution-matching surrogate (B,) of G's samples x (with grad): real (teacher, CFG) and fake
+        x0_hat of x noised to t_dm, in float64, without grad; dL/dx = the normalised real-minus-fake gradient."""
+        pt, t = self.pipe.prediction_type, draws["t_dm"]
+        x_t = schedule.add_noise(x.detach(), draws["eps_dm"], t)
+        with torch.no_grad():
+            teacher = guided(unet_net(self.student, self.teacher_ctx), cond, uncond, None, schedule, pt, self.s_real)
+            fake = guided(unet_net(self.student, self.fake_ctx), cond, None, None, schedule, pt)
+            mu_real = to_x0(teacher.output(x_t, t).double(), x_t.double(), t, schedule, pt)
+            mu_fake = to_x0(fake.output(x_t, t).double(), x_t.double(), t, schedule, pt)
+            grad = dm_gradient(x.detach(), mu_real, mu_fake)
+        loss = dm_loss(x, grad)
+        self._stats |= dict(dm_loss=loss.detach().mean(), dm_grad_norm=grad.flatten(1).norm(dim=1).mean(),
+                            gen_mean=x.detach().mean(), gen_std=x.detach().std())
+        return loss
+
+    def fake_score_loss(self, student_call, x: torch.Tensor, z: torch.Tensor, cond, generator, schedule):
+        """F's diffusion loss (B,) on G's detached samples x (the model's own eps / v target), with the GAN the
+        discriminator's term on [x; data z] in the same batched pass (one DDP forward); and F's t."""
+        B, pt = x.shape[0], self.pipe.prediction_type
+        x_t, t, eps = self._noised(x, generator)
         inputs, ts, conds = [x_t], [t], [cond]
-        if self.gan:                                                         # + D on [G's samples; data], noised apart
+        if self.gan:                                                         # D on [G's samples; data], noised apart
             for v in (x, z):
                 v_t, tv, _ = self._noised(v, generator)
                 inputs, ts, conds = inputs + [v_t], ts + [tv], conds + [cond]
-        with self.fake_ctx():                                                # one batched pass (one DDP forward)
+        with self.fake_ctx():
             out, feats = self._forward(student_call, torch.cat(inputs), torch.cat(ts), _cat(conds))
-        target = model_target(x, eps, x_t, t, schedule, pt)
-        loss = (out[:B] - target).pow(2).flatten(1).mean(1)
+        loss = (out[:B] - model_target(x, eps, x_t, t, schedule, pt)).pow(2).flatten(1).mean(1)
         self._stats["fake_loss"] = loss.detach().mean()
         if self.gan:
             logits = self.head(feats[B:])
             d = gan_discriminator_loss(logits[:B], logits[B:])
             self._stats["disc_loss"] = d.detach().mean()
             loss = loss + self.gan_w[1] * d
-        return loss, dict(t_in=t_in, t_fake=t, k=k, generator_step=False)
+        return loss, t
 
     #------------------------------------------------------------------------
     # The GAN terms: logits of the head on F's bottleneck at independently noised inputs.
