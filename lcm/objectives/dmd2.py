@@ -103,6 +103,10 @@ class DMD2(Objective):
         self.pipe = pipe
         self._spec = ConsistencySpec(self.steps, pipe.spec.sigma_data, pipe.spec.timestep_scaling)
         self._setup_lora(pipe, ema=False)                    # G (from lora.init_from, or zero B)
+        self.setup_fake(pipe)
+
+    def setup_fake(self, pipe) -> None:
+        """LoRA F (and the GAN head) beside the generator's adapter; trainables = G's + F's."""
         unet, F = pipe.unet, self.fake
         lora_lib.inject_lora(unet, F.name, F.rank, F.alpha, tuple(F.targets or lora_lib.LCM_LORA_TARGETS),
                              0.0, torch.float32)             # B = 0: the fake score starts as the teacher

@@ -146,6 +146,11 @@ class SCM(Objective):
             return jvp(fn, primals, tangents, method=self.jvp_method, fd_eps=self.jvp_fd_eps)
 
     def loss(self, student_call, z, cond, uncond, generator):
+        return self.scm_step(z, cond, uncond, generator, self.F_net(unet_net(student_call), cond, self.schedule(z.device)))
+
+    def scm_step(self, z, cond, uncond, generator, F_fn) -> tuple[torch.Tensor, dict]:
+        """The sCM loss (B,) of clean latents z; F_fn(x, tau) is the grad pass of the student (rCM batches its
+        generator pass into it)."""
         schedule, pt, sd, B = self.schedule(z.device), self.pipe.prediction_type, self.sigma_d, z.shape[0]
         # Step 1: tau, then z per sample (draw order), x = cos tau x0 + sin tau sigma_d z.
         tau = sample_tau(B, generator, self.P_mean, self.P_std, *self._tau_range, sd).to(z.device)
@@ -162,7 +167,6 @@ class SCM(Objective):
                 self.logvar.to(z.device)
             logvar = self.logvar(torch.log(sd * torch.tan(tau)) / 4)
         r = self.tangent_r()
-        F_fn = self.F_net(unet_net(student_call), cond, schedule)
         loss, diag = scm_loss(F_fn, self._jvp, x, tau, dxdt, sigma_d=sd, r=r, c=self.c, norm=self.norm,
                               prior_weight=self.prior_weight, logvar=logvar,
                               F_jvp=self.F_net(unet_net(self.student), cond, schedule))
