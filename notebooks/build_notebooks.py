@@ -19,7 +19,7 @@ import nbformat
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "src"))
 NAMES = ("consistency_function", "pf_ode_solvers", "lcd_step", "lora_task_arithmetic", "few_step_parametrizations",
-         "distribution_matching")
+         "distribution_matching", "continuous_time")
 NOTEBOOKS = {f"{n}.ipynb": importlib.import_module(n).CELLS for n in NAMES}
 
 
