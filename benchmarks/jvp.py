@@ -1,4 +1,4 @@
-"""CPU cost of a JVP through the UNet (sCM's dF/dt, METHODS_NEXT.md Sec. 3): a plain forward vs
+"""CPU cost of a JVP through the UNet (sCM's dF/dt, docs/method.md Sec. 15): a plain forward vs
 lcm.objectives.jvp by forward-mode AD vs by central differences, and the cost of the forward-AD check
 in the attention on ordinary forwards.
 

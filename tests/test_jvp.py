@@ -1,4 +1,4 @@
-"""JVPs through the UNet (METHODS_NEXT.md Sec. 3; sCM arXiv 2410.11081): forward-mode AD against central
+"""JVPs through the UNet (docs/method.md Sec. 15; sCM arXiv 2410.11081): forward-mode AD against central
 finite differences in float64 on a tiny UNet with an active, unfused LoRA; the attention path taken
 under forward AD (and only there); lcm.objectives.jvp's two methods."""
 import pytest

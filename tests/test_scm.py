@@ -1,7 +1,7 @@
 """objective=scm (lcm/objectives/scm.py): one training step against a hand-written version of FastGen's sCD
 step on a tiny LoRA UNet (eps and v teachers, sigma_d 1 and 0.5, the weightings), the UNet's time tangent
 (continuous t_SD, never snapped), the knobs, and two CLI steps whose export samples with solver=scm exactly as
-the TrigFlow sampler written out by hand (= LCM's sampler in DDIM form at t_SD(tau_i), METHODS_NEXT 2(c))."""
+the TrigFlow sampler written out by hand (= LCM's sampler in DDIM form at t_SD(tau_i), docs/method.md Sec. 15)."""
 import json
 import math
 import os

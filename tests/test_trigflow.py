@@ -1,4 +1,4 @@
-"""TrigFlow on SD's VP schedule (lcm/objectives/trigflow.py; METHODS_NEXT.md Sec. 2(e)): tau <-> t_SD round
+"""TrigFlow on SD's VP schedule (lcm/objectives/trigflow.py; docs/method.md Sec. 15): tau <-> t_SD round
 trips, F <-> eps / v / x0 against the definition of F, CFG on F, the Gaussian exactness of the tangent, the
 truncated time proposal and the loss gradient on a linear toy model. All float64 on the CPU."""
 import math
@@ -25,7 +25,7 @@ def taus(n, seed=0, sigma_d=1.0):
 # Time.
 
 def test_sd_tau_range_and_dmd2_grid_values():
-    lo, hi = tf.tau_range(S)                                   # METHODS_NEXT Sec. 2(b), computed independently
+    lo, hi = tf.tau_range(S)                                   # docs/method.md Sec. 15, computed independently
     assert (round(lo, 5), round(hi, 5)) == (0.02916, 1.50248)
     got = tf.tau_of_t(torch.tensor([999, 749, 499, 249]), S)
     torch.testing.assert_close(got, torch.tensor([1.5025, 1.3305, 1.0158, 0.6062], dtype=torch.float64),
@@ -104,7 +104,7 @@ def test_cfg_on_F_equals_cfg_on_the_raw_output_then_converted(pred):
     torch.testing.assert_close(tf.teacher_velocity(F(rc), F(ru), s, 0.5), 0.5 * F(cfg(rc, ru, s)), atol=1e-12, rtol=0)
 
 #----------------------------------------------------------------------------
-# Gaussian exactness (METHODS_NEXT Sec. 2(e)): x0 ~ N(mu, c^2 I); the ODE's velocity and consistency map are
+# Gaussian exactness (docs/method.md Sec. 15): x0 ~ N(mu, c^2 I); the ODE's velocity and consistency map are
 # closed-form, and the tangent of the exact map must vanish (any sign or sigma_d slip breaks it).
 
 MU_C, MU_U, C0 = 0.7, -0.3, 0.6
@@ -192,7 +192,7 @@ def test_time_proposal_is_the_truncated_lognormal_and_per_sample():
 
 @pytest.mark.parametrize("prior, with_logvar", [(False, False), (True, True)])
 def test_loss_gradient_is_minus_2w_over_D_el_g_hat_dF(prior, with_logvar):
-    """Linear toy F = theta * x: d loss / d theta = -2 w / (D e^l) g_hat . x at theta = theta- (METHODS_NEXT 2(e))."""
+    """Linear toy F = theta * x: d loss / d theta = -2 w / (D e^l) g_hat . x at theta = theta- (docs/method.md Sec. 15)."""
     g = torch.Generator().manual_seed(10)
     theta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     x, dxdt = randn(g, 3, 4, 2, 2), randn(g, 3, 4, 2, 2)

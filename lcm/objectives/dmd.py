@@ -1,7 +1,7 @@
 """Distribution matching (DMD, arXiv 2311.18828; DMD2, arXiv 2405.14867) as pure functions: the
 normalised real-minus-fake gradient, its surrogate loss, the diffusion-GAN losses and the
 generator's backward simulation. The objective (lcm/objectives/dmd2.py) and the notebook
-(notebooks/distribution_matching.ipynb) call these; docs/method.md Sec. 13 derives them.
+(notebooks/distribution_matching.ipynb) call these; docs/method.md Sec. 14 derives them.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DMD2 as two LoRAs on one UNet (arXiv 2405.14867; docs/method.md Sec. 13).
+"""DMD2 as two LoRAs on one UNet (arXiv 2405.14867; docs/method.md Sec. 14).
 
 generator G = base + LoRA "<name>" (what is exported), fake score F = base + LoRA "<name>_fake",
 real score = the base with adapters off and CFG: one UNet in memory. Two time scales in FastGen's

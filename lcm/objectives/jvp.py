@@ -1,6 +1,6 @@
 """Jacobian-vector products of a network: the directional derivative d/dh fn(p + h v) at h = 0, e.g.
 the dF/dtau along (dx/dtau, 1) of continuous-time consistency (sCM, Lu & Song, arXiv 2410.11081;
-METHODS_NEXT.md Sec. 3).
+docs/method.md Sec. 15).
 
     autograd  forward-mode AD (torch.func.jvp); exact. The UNet's attention takes its softmax path
               under it (models/unet.py `attention_math`): SDPA's fused kernels have no forward-AD rule.

@@ -1,4 +1,4 @@
-"""rCM: sCM plus a DMD regulariser (arXiv 2510.08431; NVlabs/rcm), as LoRAs on one UNet.
+"""rCM: sCM plus a DMD regulariser (arXiv 2510.08431; NVlabs/rcm; docs/method.md Sec. 16), as LoRAs on one UNet.
 
 The student (LoRA <name>, exported, sampled with solver=scm) takes on its steps the sCM loss on data
 (lcm/objectives/scm.py) plus dmd_weight x DMD2's distribution-matching term on the x0_hat of its own

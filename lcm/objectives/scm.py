@@ -1,5 +1,5 @@
 """sCM: continuous-time consistency distillation (sCD) from the SD teacher into a LoRA (sCM, arXiv 2410.11081;
-METHODS_NEXT.md Sec. 2(c); the math: lcm.objectives.trigflow, the JVP: lcm.objectives.jvp).
+docs/method.md Sec. 15; the math: lcm.objectives.trigflow, the JVP: lcm.objectives.jvp).
 
 teacher = the base with its adapters off (CFG at one fixed scale s), student = base + LoRA (theta), theta- =
 sg(theta): the JVP runs on the online student weights, never on an EMA. target = the student, or with

@@ -1,5 +1,5 @@
 """TrigFlow on SD's discrete VP schedule and the continuous-time consistency loss (sCM, arXiv 2410.11081;
-METHODS_NEXT.md Sec. 2, which reads them off FastGen `sCM.py` and rCM; its line numbers are cited). Pure functions.
+docs/method.md Sec. 15; the formulas checked against FastGen `sCM.py` and NVlabs/rcm, cited by line). Pure functions.
 
     x_tau = cos tau x0 + sin tau z,  z ~ N(0, sigma_d^2 I),  tau in [0, pi/2] (t is the SD timestep)
     f(x, tau) = cos tau x - sigma_d sin tau F(x, tau)              (consistency function, f(x, 0) = x)
@@ -93,7 +93,7 @@ def teacher_velocity(F_cond: torch.Tensor, F_uncond: torch.Tensor, guidance_scal
     return sigma_d * (F_uncond + s * (F_cond - F_uncond))
 
 #----------------------------------------------------------------------------
-# The tangent (METHODS_NEXT Sec. 2(a); FastGen L240-275): the JVP with tangents (cos sin dx/dtau, cos sin)
+# The tangent (docs/method.md Sec. 15; FastGen L240-275): the JVP with tangents (cos sin dx/dtau, cos sin)
 # returns dF = cos tau sin tau dF-/dtau, dF-/dtau = d_x F- dx/dtau + d_tau F- (the total derivative along the ODE).
 
 def tangent(F_minus: torch.Tensor, dF: torch.Tensor, x: torch.Tensor, tau: torch.Tensor, dxdt: torch.Tensor,
@@ -128,7 +128,7 @@ def sample_tau(B: int, generator, P_mean: float = -1.0, P_std: float = 1.6,
     return torch.atan(torch.exp(n) / sigma_d).clamp(tau_min, tau_max)   # clamp: ndtri rounding at the edges
 
 #----------------------------------------------------------------------------
-# The loss (FastGen L240-285; METHODS_NEXT Sec. 2(c) steps 3-5). Its value is ||g_hat||^2 (F - sg(F) = 0): it
+# The loss (FastGen L240-285; docs/method.md Sec. 15 steps 3-5). Its value is ||g_hat||^2 (F - sg(F) = 0): it
 # tracks the tangent, not progress; its gradient is -2 w / (D e^l) g_hat^T dF_theta/dtheta.
 
 def scm_loss(F_fn: FFn, jvp: JvpFn, x: torch.Tensor, tau: torch.Tensor, dxdt: torch.Tensor, *,

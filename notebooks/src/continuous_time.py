@@ -28,7 +28,7 @@ CELLS = [
     This notebook uses the functions the project's sCM objective (`lcm/objectives/scm.py`) uses:
     `lcm/objectives/trigflow.py` (time conversion, $F \leftrightarrow \epsilon$, `tangent`, `scm_loss`)
     and `lcm/objectives/jvp.py` (`jvp`, forward-mode or finite differences). Derivations:
-    METHODS_NEXT.md Secs. 2-3. Everything runs in float64 on the CPU, with $\sigma_d = 1$.
+    docs/method.md Sec. 15. Everything runs in float64 on the CPU, with $\sigma_d = 1$.
     """),
     code(SETUP),
     md(r"""
