@@ -11,7 +11,8 @@ Model (bytes per parameter; P = UNet, P_s = student = P + the w-embedding, L = L
 - frozen base / teacher: 4 (fp32) or 2 (train.frozen_storage=bfloat16 / float16).
 - DDP replicates everything and keeps a second fp32 copy of the gradients in its buckets (4).
 - LCM-LoRA (objective=lcd_lora, mu = 0 as the reference): one UNet = base + LoRA; no EMA
-  (objective.ema_decay adds 4 L). DDP: s P + 20 L.
+  (objective.ema_decay adds 4 L). DDP: s P + 20 L. DMD2-LoRA (objective=dmd2): one UNet = base + the
+  generator's LoRA + the fake score's (same rank), each with its gradients and AdamW: s P + 40 L.
 - full LCD (objective=lcd): student + gradients + AdamW + EMA target (4+4+8+4 = 20 P_s) + teacher s P.
   DDP: 24 P_s + s P. FSDP: (20 P_s + s P) / N sharded, plus the working set of the unit being run:
   its gathered parameters (bf16 under train.mixed_precision=bf16: 2) and unsharded gradients before
@@ -52,7 +53,8 @@ def counts(family: str, rank: int) -> dict:
 def per_gpu(c: dict, objective: str, frozen: int, n: int | None) -> float:
     """Bytes per GPU; n=None: DDP, else FSDP over n GPUs."""
     P, P_s, L, unit = c["P"], c["P_s"], c["L"], c["unit"]
-    if objective == "lora":
+    if objective in ("lora", "dmd2"):                                  # DMD2: two LoRAs (G and the fake score)
+        L = 2 * L if objective == "dmd2" else L
         if n is None:
             return frozen * P + 20 * L                                 # base + LoRA, grads, buckets, AdamW
         return (frozen * P + 16 * L) / n + 2 * (2 + 4) * unit          # (hypothetical)
@@ -69,12 +71,14 @@ def table(gpus: list[int], rank: int) -> str:
         c = counts(family, rank)
         notes.append(f"{name}: P = {c['P'] / 1e6:.1f} M, LoRA rank {rank} L = {c['L'] / 1e6:.1f} M, "
                      f"{c['units']} FSDP units, the largest {c['unit'] / 1e6:.1f} M")
-        for objective, label, trainable in (("lora", f"LCM-LoRA r{rank}", c["L"]), ("full", "full LCD", c["P_s"])):
+        for objective, label, trainable in (("lora", f"LCM-LoRA r{rank}", c["L"]),
+                                            ("dmd2", f"DMD2-LoRA r{rank} (G + fake score)", 2 * c["L"]),
+                                            ("full", "full LCD", c["P_s"])):
             for frozen, fs in ((4, "null (fp32)"), (2, "bfloat16")):
                 cells = [f"{per_gpu(c, objective, frozen, None) / GiB:.1f} GiB"]
                 for n in gpus:
                     v = f"{per_gpu(c, objective, frozen, n) / GiB:.1f} GiB"
-                    cells.append(f"({v})" if objective == "lora" else v)
+                    cells.append(f"({v})" if objective != "full" else v)
                 rows.append("| " + " | ".join([name, label, fs, f"{trainable / 1e6:.1f} M", *cells]) + " |")
     return "\n".join(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + \
         "\n- (parentheses): FSDP with a LoRA is not offered (train.distributed=fsdp refuses it)"

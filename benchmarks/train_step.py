@@ -1,6 +1,7 @@
 """One LCM-LoRA distillation step at SD1.5 (or SDXL) size: ours vs diffusers UNet2DConditionModel + peft.
 
     nice python benchmarks/train_step.py --threads 1 --steps 3 --repeat 2
+    python benchmarks/train_step.py --impls dmd2,ours --threads 1 --steps 4     # DMD2 vs LCD-LoRA
     python benchmarks/train_step.py --family sdxl --device cuda --dtype bf16 --side 128   # GPU memory
 
 The step of Algorithm 1 with one UNet in memory: student (LoRA) forward + backward at t_{n+k},
@@ -53,46 +54,47 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 #----------------------------------------------------------------------------
-# Ours: lcm.objectives.losses.lcd_loss over models.unet + models.lora.
+# Ours: the trainer's step of an objective (lcm/objectives/) over models.unet + models.lora:
+# "ours" = objective=lcd_lora (Algorithm 1), "dmd2" = objective=dmd2 (generator and fake-score steps
+# alternate, gen_every=2, so both kinds are timed; 4 generator steps with backward simulation).
 
 def ours_step(args):
-    from lcm.objectives.losses import lcd_loss
-    from lcm.objectives.teacher import teacher_estimate
-    from lcm.training.loop import TrainConfig, make_optimizer
-    from models.lora import adapters_disabled, inject_lora
+    from types import SimpleNamespace
+
+    from lcm.consistency import ConsistencySpec
+    from lcm.objectives.base import LoRAConfig
+    from lcm.objectives.dmd2 import DMD2
+    from lcm.objectives.lcd_lora import LCDLoRA
+    from lcm.training.loop import TrainConfig, make_optimizer, step_generators
     from models.text import Conditioning
     from models.unet import UNET_PRESETS, UNetModel
     from solvers.schedule import Schedule
     with torch.device(args.device):
         unet = UNetModel(**UNET_PRESETS[args.family]).requires_grad_(False).to(DTYPES[args.dtype])
-    params = inject_lora(unet, "lcm", rank=64, alpha=64, dtype=torch.float32)   # trainables in fp32
-    for p in params:
-        p.requires_grad_(True)
+    pipe = SimpleNamespace(unet=unet, schedule=Schedule.make(), prediction_type="epsilon", spec=ConsistencySpec(),
+                           adapter_specs={})
+    lora = LoRAConfig(rank=64, alpha=64)
+    objective = (DMD2(lora=lora, gen_every=2, real_guidance=1.75) if args.impl == "dmd2" else
+                 LCDLoRA(lora=lora, k=K, w_min=W_MIN, w_max=W_MAX, loss="huber", huber_c=HUBER_C))
+    objective.setup(pipe)
     if args.frozen_storage != "none":                     # train.frozen_storage: exact for an fp16 file
         from models.storage import store_frozen
         store_frozen(unet, torch.float16 if args.frozen_storage == "fp16" else torch.bfloat16)
-    unet.set_gradient_checkpointing(args.gc)
-    opt = make_optimizer(params, TrainConfig(lr=1e-4, weight_decay=0.0))   # the trainer's (fused) AdamW
-    schedule = Schedule.make().to(args.device)
+    unet.train().set_gradient_checkpointing(args.gc)
+    opt = make_optimizer(objective, TrainConfig(lr=1e-4))  # the trainer's (fused) AdamW per declared optimizer
+    scaler = torch.amp.GradScaler(args.device, enabled=False)
     amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
-    def net(x, t, c, w):
-        with amp:
-            return unet(x, t, c.context, y=c.y).float()
-
-    def teacher(*a):
-        with adapters_disabled(unet):
-            return net(*a)
-    estimate = teacher_estimate(teacher, schedule, "epsilon")
-
     def step(z, ctx, uctx, y, i):
-        loss, _ = lcd_loss(net, net, estimate, z, Conditioning(ctx, y=y), Conditioning(uctx, y=y), schedule,
-                           torch.Generator().manual_seed(i), k=K, w_min=W_MIN, w_max=W_MAX, loss="huber",
-                           huber_c=HUBER_C)
+        with objective.step_context(i, 0), amp:
+            loss, _ = objective.loss(unet, z, Conditioning(ctx, y=y), Conditioning(uctx, y=y),
+                                     step_generators(0, i, 0, z.shape[0]))
         loss.mean().backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.unscale_clip_(scaler, i, 1.0)
+        opt.step(scaler, i)
+        opt.zero_grad()
+        return "generator" if getattr(objective, "is_generator_step", lambda: False)() else "step"
+    step.unet = unet
     return step
 
 #----------------------------------------------------------------------------
@@ -175,7 +177,10 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    step = (ours_step if args.impl == "ours" else diffusers_step)(args)
+    step = (diffusers_step if args.impl == "diffusers" else ours_step)(args)
+    calls = [0]
+    if hasattr(step, "unet"):                             # UNet calls per step (a batched cond+uncond pass = 1)
+        step.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     g = torch.Generator().manual_seed(1)
     B, D = args.batch, CONTEXT_DIM[args.family]
     z = torch.randn(B, 4, args.side, args.side, generator=g).to(args.device)
@@ -187,22 +192,23 @@ def child(args) -> None:
     cuda = args.device == "cuda"
     base = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb("VmRSS:")
     torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()
-    times = []
+    times, kinds = [], {}
     for i in range(args.warmup + args.steps):
         sync(args.device)
-        t0 = time.perf_counter()
-        step(z, ctx, uctx, y, i)
+        t0, calls[0] = time.perf_counter(), 0
+        kind = step(z, ctx, uctx, y, i) or "step"
         sync(args.device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            kinds.setdefault(kind, []).append((times[-1], calls[0]))
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM:")
     print(json.dumps(dict(impl=args.impl, median_s=statistics.median(times), times=times, base_rss_mb=base,
-                          peak_rss_mb=peak, threads=torch.get_num_threads())))
+                          peak_rss_mb=peak, threads=torch.get_num_threads(), kinds=kinds)))
 
 
 def run(args) -> dict:
-    """Both implementations in alternating subprocesses; medians per implementation."""
-    runs = {"ours": [], "diffusers": []}
+    """The implementations in alternating subprocesses; medians per implementation."""
+    runs = {impl: [] for impl in args.impls.split(",")}
     flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--side", str(args.side), "--threads",
              str(args.threads), "--family", args.family, "--device", args.device, "--dtype", args.dtype,
              "--batch", str(args.batch), "--frozen-storage", args.frozen_storage] + (["--gc"] if args.gc else [])
@@ -216,7 +222,9 @@ def run(args) -> dict:
     return {impl: dict(impl=impl, times=[t for r in rs for t in r["times"]], threads=rs[0]["threads"],
                        median_s=statistics.median([t for r in rs for t in r["times"]]),
                        peak_rss_mb=statistics.median([r["peak_rss_mb"] for r in rs]),
-                       base_rss_mb=statistics.median([r["base_rss_mb"] for r in rs])) for impl, rs in runs.items()}
+                       base_rss_mb=statistics.median([r["base_rss_mb"] for r in rs]),
+                       kinds={k: [v for r in rs for v in r["kinds"].get(k, [])] for k in rs[0]["kinds"]})
+            for impl, rs in runs.items()}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -233,7 +241,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--frozen-storage", choices=["none", "fp16", "bf16"], default="none",
                     help="ours only: train.frozen_storage (frozen weights stored so, computed in --dtype)")
     ap.add_argument("--repeat", type=int, default=2, help="alternate the two subprocesses this many times")
-    ap.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    ap.add_argument("--impls", default="ours,diffusers",
+                    help="what to compare, the first against the second: ours (LCD-LoRA), diffusers, dmd2")
+    ap.add_argument("--impl", choices=["ours", "diffusers", "dmd2"], help=argparse.SUPPRESS)
     return ap
 
 
@@ -242,18 +252,23 @@ def main():
     if args.impl:
         return child(args)
     res = run(args)
-    o, d = res["ours"], res["diffusers"]
+    first, second = args.impls.split(",")[:2]
+    o, d = res[second], res[first]                        # printed: first / second
     mem = "peak allocated" if args.device == "cuda" else "peak RSS"
     print(f"torch {torch.__version__}, {o['threads']} threads, {args.family} UNet, latent {args.side}x{args.side}, "
           f"batch {args.batch}, {args.device}, base {args.dtype}, LoRA r64, gradient checkpointing "
           f"{'on' if args.gc else 'off'}, ours' frozen storage {args.frozen_storage}")
-    for r in (o, d):
+    for r in (d, o):
         print(f"{r['impl']:>9}: step {r['median_s']:.2f} s (median of {len(r['times'])}), {mem} "
               f"{r['peak_rss_mb']:.0f} MB (model built: {r['base_rss_mb']:.0f} MB, step adds "
               f"{r['peak_rss_mb'] - r['base_rss_mb']:.0f} MB)")
-    print(f"ratio ours/diffusers: time {o['median_s'] / d['median_s']:.3f}, {mem} "
-          f"{o['peak_rss_mb'] / d['peak_rss_mb']:.3f}, step's extra memory "
-          f"{(o['peak_rss_mb'] - o['base_rss_mb']) / (d['peak_rss_mb'] - d['base_rss_mb']):.3f}")
+        for kind, v in r["kinds"].items():
+            if any(c for _, c in v):                      # ours: UNet calls counted
+                print(f"{'':>11}{kind} steps: {statistics.median(t for t, _ in v):.2f} s, "
+                      f"{statistics.mean(c for _, c in v):.1f} UNet calls (n={len(v)})")
+    print(f"ratio {first}/{second}: time {d['median_s'] / o['median_s']:.3f}, {mem} "
+          f"{d['peak_rss_mb'] / o['peak_rss_mb']:.3f}, step's extra memory "
+          f"{(d['peak_rss_mb'] - d['base_rss_mb']) / (o['peak_rss_mb'] - o['base_rss_mb']):.3f}")
 
 
 if __name__ == "__main__":
