@@ -37,11 +37,16 @@ def setup(prediction_type="epsilon", randomize=True, **kw):
     torch.manual_seed(0)
     obj.setup(pipe)
     if randomize:
-        with torch.no_grad():
-            for n, p in obj.trainables:
-                if ".lora_up." in n:
-                    p.normal_(0, 0.05)
+        randomize_(obj.trainables)
     return pipe, obj
+
+
+def randomize_(trainables) -> None:
+    """LoRA B ~ N(0, 0.05): the adapters differ from the base."""
+    with torch.no_grad():
+        for n, p in trainables:
+            if ".lora_up." in n:
+                p.normal_(0, 0.05)
 
 
 def batch(pipe, step=0, B=2):
@@ -120,10 +125,7 @@ def test_generator_gradient_equals_hand_written_and_routes_adapters(prediction_t
 def test_fresh_fake_score_and_no_guidance_give_exactly_zero_gradient():
     """F = 0 (fake = teacher) and s = 1: mu_fake == mu_real bit for bit, whatever G is."""
     pipe, obj = setup(randomize=False, steps=1, real_guidance=1.0)
-    with torch.no_grad():
-        for n, p in obj.gen_params:
-            if ".lora_up." in n:
-                p.normal_(0, 0.05)
+    randomize_(obj.gen_params)
     z, cond, uncond, gens = batch(pipe)
     with obj.step_context(0, 0):
         obj.loss(pipe.unet, z, cond, uncond, gens)[0].mean().backward()

@@ -10,17 +10,15 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from lcm.consistency import ConsistencySpec
-from lcm.data.build import make_loader
-from lcm.data.encoder import LatentEncoder
-from lcm.data.sources import ImageFolder
 from lcm.denoiser import unet_net
 from lcm.objectives.rcm import RCM
 from lcm.training.loop import step_generators
 from models import lora as lora_lib
+from tests import test_dmd2
+from tests.test_dmd2 import grads
 from train import build_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DATA = os.path.join(ROOT, "tests", "fixtures", "tiny_data")
 SMOKE_MODEL = OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "conf/experiment/smoke.yaml")).model)
 LORA = dict(name="rcm", rank=2, alpha=2)
 
@@ -30,21 +28,12 @@ def setup(**kw):
     obj = RCM(lora=LORA, tangent_warmup=0, **kw)
     torch.manual_seed(0)
     obj.setup(pipe)
-    with torch.no_grad():                                      # neither adapter is the base
-        for n, p in obj.trainables:
-            if ".lora_up." in n:
-                p.normal_(0, 0.05)
+    test_dmd2.randomize_(obj.trainables)                       # neither adapter is the base
     return pipe, obj
 
 
 def batch(pipe, step=0, B=2):
-    b = next(iter(make_loader(ImageFolder(TINY_DATA, resolution=32), B, 0, 0, 1, 0, 0)))
-    z, cond, uncond = LatentEncoder(pipe, torch.device("cpu"))(b, step_generators(0, step, 0, B))
-    return z, cond, uncond
-
-
-def grads(params):
-    return [None if p.grad is None else p.grad.clone() for _, p in params]
+    return test_dmd2.batch(pipe, step, B)[:3]
 
 
 def test_student_step_is_scm_plus_weighted_dm_term_in_one_batched_pass():
