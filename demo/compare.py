@@ -38,9 +38,19 @@ from demo.sweep import (cell_text, comparison_table, differences, file_id, group
                         score_cell, seed_table, summarise)
 
 STEPS = (1, 2, 4, 8)
-SAMPLERS = {"lcm": [("lcm", {}), ("tcd", {"eta": 0.3})], "tcd": [("tcd", {"eta": 0.3}), ("tcd", {"eta": 0.0}), ("tcd", {"eta": 0.7})],
-            "pcm": [("pcm", {})]}
-NAMES = {"lcm": "LCD (LCM-LoRA)", "tcd": "TCD", "pcm": "PCM"}
+# A run's method: its objective's class (config.json objective._target_); each sampled with its own sampler(s).
+NAMES = {"LCDLoRA": "LCD (LCM-LoRA)", "TCD": "TCD", "PCM": "PCM", "DMD2": "DMD2", "SCM": "sCM", "RCM": "rCM"}
+SAMPLERS = {"LCD (LCM-LoRA)": [("lcm", {}), ("tcd", {"eta": 0.3})],
+            "TCD": [("tcd", {"eta": 0.3}), ("tcd", {"eta": 0.0}), ("tcd", {"eta": 0.7})],
+            "PCM": [("pcm", {})], "DMD2": [("lcm", {})], "sCM": [("scm", {})], "rCM": [("scm", {})]}
+BY_SPEC = {"lcm": "LCD (LCM-LoRA)", "tcd": "TCD", "pcm": "PCM", "scm": "sCM"}   # runs without a config.json
+
+
+def method_of(run: str, spec_objective: str) -> str:
+    """The method of a run: its config's objective class, else the spec's objective."""
+    path = os.path.join(run, "config.json")
+    target = (json.load(open(path)).get("objective") or {}).get("_target_", "") if os.path.exists(path) else ""
+    return NAMES.get(target.rsplit(".", 1)[-1], BY_SPEC[spec_objective])
 BOOT_FILE = "compare_boot.safetensors"
 TEACHER = dict(solver="ddim", steps=25, guidance_scale=3.0)
 
@@ -90,7 +100,8 @@ def evaluate_run(run: str, pipe, ev, ref, prompts, seed: int, keep: int, force: 
     t0 = time.perf_counter()
     try:
         spec = pipe.spec
-        for sampler, kw in SAMPLERS[spec.objective]:
+        method = method_of(run, spec.objective)
+        for sampler, kw in SAMPLERS[method]:
             lab = label(sampler, kw)
             for steps in STEPS:
                 done = str(steps) in results.get(lab, {})
@@ -106,6 +117,7 @@ def evaluate_run(run: str, pipe, ev, ref, prompts, seed: int, keep: int, force: 
                     results.setdefault(lab, {})[str(steps)] = dict(m, sec_per_image=dt)
                     reps.update({f"{lab}/{k}/{steps}": v for k, v in rep.items()})
         res["spec"] = dict(objective=spec.objective, num_ddim_timesteps=spec.num_ddim_timesteps, phases=spec.phases)
+        res["method"] = method
     finally:
         remove_lora(pipe.unet, name)
         pipe.adapter_specs.pop(name, None)
@@ -130,7 +142,7 @@ def rows_of(run: str, res: dict, reps: dict, info: dict) -> list[dict]:
     out = []
     for lab, metrics in res["results"].items():
         boot = {f"{k}/{s}": reps.get(f"{lab}/{k}/{s}") for k, _ in sweep.METRICS for s in STEPS}
-        out.append(dict(run=run, method=NAMES[res["spec"]["objective"]], sampler=lab, spec=res["spec"],
+        out.append(dict(run=run, method=res.get("method") or BY_SPEC[res["spec"]["objective"]], sampler=lab, spec=res["spec"],
                         **info, key=res["key"], metrics=metrics, boot=boot))
     return out
 

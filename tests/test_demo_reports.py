@@ -176,7 +176,7 @@ def test_sweep_evaluate_reevaluates_when_asked_for_another_seed_or_n(tmp_path, d
 def test_compare_caches_by_request_and_reports_seeds_with_intervals(tmp_path, demo_pipe, count_generate, monkeypatch):
     from lcm.pipeline import Pipeline
     monkeypatch.setattr(compare, "STEPS", (1, 2))
-    monkeypatch.setattr(compare, "SAMPLERS", {"lcm": [("lcm", {})]})
+    monkeypatch.setattr(compare, "SAMPLERS", {"LCD (LCM-LoRA)": [("lcm", {})]})
     monkeypatch.setattr(compare, "TEACHER", dict(solver="ddim", steps=2, guidance_scale=3.0))
     monkeypatch.setattr(Pipeline, "from_checkpoint", classmethod(lambda cls, *a, **k: demo_pipe[0]))
     runs = []
@@ -242,3 +242,14 @@ def test_compare_report_gives_paired_verdicts_against_the_reference(tmp_path):
     md = open(out + ".md").read()
     assert "## Differences to LCD (LCM-LoRA) / x" in md and "| PCM / x | 1 | accuracy | 3 vs 3 | **" in md
     assert os.path.getsize(out + "_metrics.png") > 10_000
+
+
+def test_compare_names_a_run_by_its_objective(tmp_path):
+    """DMD2 exports an LCM spec, rCM an sCM one: the method (and sampler) comes from the run's config."""
+    for target, spec, method in (("lcm.objectives.dmd2.DMD2", "lcm", "DMD2"), ("lcm.objectives.rcm.RCM", "scm", "rCM"),
+                                 ("lcm.objectives.lcd_lora.LCDLoRA", "lcm", "LCD (LCM-LoRA)")):
+        run = tmp_path / method.split()[0]
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"objective": {"_target_": target}}))
+        assert compare.method_of(str(run), spec) == method and compare.SAMPLERS[method]
+    assert compare.method_of(str(tmp_path / "no_config"), "tcd") == "TCD"
