@@ -58,3 +58,67 @@ def test_bf16_step_equals_fp32_step(images, cfg):  # noqa: F811
         cos = torch.nn.functional.cosine_similarity(g32, g16.float(), dim=0)
         assert cos > GRAD_COS, (step, float(cos))
         step += 1
+
+#----------------------------------------------------------------------------
+# fp16 with its gradient scaler (issue 33 item 4), through the real loop (lcm.training.loop.train).
+# Measured on torch 2.14 (CPU): fp16 autocast runs the UNet's convolutions, linears (LoRA included)
+# and SDPA in fp16; torch.amp.GradScaler("cpu") scales the loss, unscales before the clip (into the
+# fused AdamW) and, on an overflow, skips the step and halves its scale. Nothing is unsupported.
+
+class _RecordingScaler(torch.amp.GradScaler):
+    """torch.amp.GradScaler that remembers its instances (the loop builds its own); INIT overrides init_scale."""
+    made: list = []
+    INIT: float | None = None
+
+    def __init__(self, device="cuda", **kw):
+        super().__init__(device, **({**kw, "init_scale": self.INIT} if self.INIT is not None else kw))
+        _RecordingScaler.made.append(self)
+
+
+def fp16_loop(images, run_dir, monkeypatch, device: str = "cpu", init_scale: float | None = None,
+              steps: int = 2) -> dict:
+    """`steps` steps of the smoke LCM-LoRA (lcd_lora, rank 2) under train.mixed_precision=fp16 on `device`:
+    the loop's scaler, the trainables before and after, the dtypes a LoRA layer's forward returned."""
+    import os
+
+    from lcm.training import loop
+    from lcm.training.distributed import Dist
+    from tests.test_device_hygiene import ROOT, variants
+    cfg = next(c for i, c in variants(os.path.join(ROOT, "conf/objective/lcd_lora.yaml")) if i.endswith("lora-noema"))
+    obj, seen, before = instantiate(cfg), set(), {}
+    setup = obj.setup
+
+    def setup_and_watch(pipe):                          # the loop calls objective.setup in place()
+        setup(pipe)
+        before.update({n: p.detach().clone() for n, p in obj.trainables})
+        lora = next(m for m in obj.student.modules() if type(m).__name__ == "LoRALinear")
+        lora.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    monkeypatch.setattr(obj, "setup", setup_and_watch)
+    monkeypatch.setattr(torch.amp, "GradScaler", _RecordingScaler)
+    monkeypatch.setattr(_RecordingScaler, "made", [])
+    monkeypatch.setattr(_RecordingScaler, "INIT", init_scale)
+    tcfg = loop.TrainConfig(max_steps=steps, batch_size=2, lr=1e-3, log_every=1, checkpoint_every=100,
+                            mixed_precision="fp16")
+    out = loop.train(build_pipeline(SMOKE_MODEL), images, tcfg, str(run_dir), obj, dist=Dist(0, 1, torch.device(device)))
+    (scaler,) = _RecordingScaler.made
+    after = {n: p.detach().clone() for n, p in obj.trainables}
+    return dict(out=out, scaler=scaler, before=before, after=after, seen=seen)
+
+
+def test_fp16_step_with_grad_scaler_on_cpu(images, tmp_path, monkeypatch):  # noqa: F811
+    r = fp16_loop(images, tmp_path / "ok", monkeypatch)
+    assert r["out"]["status"] == "done" and r["out"]["step"] == 2 and r["out"]["nan_skipped"] == 0
+    assert r["seen"] == {torch.float16}                                     # autocast did run in fp16
+    assert {p.dtype for p in r["after"].values()} == {torch.float32}        # trainables stay fp32
+    s = r["scaler"]
+    assert s.is_enabled() and torch.isfinite(torch.tensor(s.get_scale()))
+    assert s.get_scale() == 2.0 ** 16 and s.state_dict()["_growth_tracker"] == 2   # both steps taken, none skipped
+    assert max((r["after"][n] - r["before"][n]).abs().max() for n in r["before"]) > 0    # the LoRA changed
+
+
+def test_fp16_overflow_is_skipped_by_the_scaler_on_cpu(images, tmp_path, monkeypatch):  # noqa: F811
+    """A scale that overflows fp16 (2^100): the scaler skips each step and halves its scale; nothing moves."""
+    r = fp16_loop(images, tmp_path / "inf", monkeypatch, init_scale=2.0 ** 100)
+    assert r["out"]["status"] == "done" and r["out"]["step"] == 2
+    assert r["scaler"].get_scale() == 2.0 ** 98
+    assert all(torch.equal(r["after"][n], r["before"][n]) for n in r["before"])
