@@ -21,7 +21,13 @@ one). Dropout helped a little on average (pooled 26% vs 12%, tower 0 25% vs 18%,
     python -m demo.compose_text --threads 1 vae --steps 1500 --out outputs/compose/vae.safetensors --eval 256   # ~9 min
     python -m demo.compose_text --threads 1 base --text outputs/compose/text.safetensors \
         --vae outputs/compose/vae.safetensors --base-out outputs/compose/base_init.safetensors
-The heads are dropped; the towers are frozen in the teacher.
+The heads are dropped; the towers are frozen in the teacher. After training (conf/experiment/compose_teacher.yaml):
+
+    python -m demo.compose_text bundle --from outputs/compose/teacher/model.safetensors --steps 16000
+
+writes assets/compose_teacher.safetensors: every tensor in float16 (the file is 19 MB; the pipeline
+computes in float32), the world spec back in the metadata, machine paths scrubbed, and `lcm.teacher_legs`:
+the training legs so far (a leg continues from the bundled file, `model.path=` it, with a fresh optimizer).
 """
 from __future__ import annotations
 
@@ -184,6 +190,26 @@ def load_towers(path: str) -> tuple[TextConditioner, dict]:
 
 #----------------------------------------------------------------------------
 
+def bundle_teacher(source: str, out: str, steps: int) -> str:
+    """source's tensors in float16 with portable metadata and the training legs so far: a file that
+    continues training (model.path=out) appends its leg to the legs of the file it started from."""
+    from demo.scrub import scrub_metadata
+    with safetensors.safe_open(source, "pt") as f:
+        meta = dict(f.metadata() or {})
+    start = json.loads(meta.get("lcm.train_config", "{}")).get("model", {}).get("path", "")
+    legs = []
+    if os.path.basename(start) == os.path.basename(out) and os.path.isfile(out):
+        with safetensors.safe_open(out, "pt") as f:
+            legs = json.loads((f.metadata() or {}).get("lcm.teacher_legs", "[]"))
+    legs.append({"steps": steps, "from": os.path.basename(start)})
+    state = {k: v.half() if v.is_floating_point() else v for k, v in safetensors.torch.load_file(source).items()}
+    meta = scrub_metadata(meta) | {"world": json.dumps(world_spec()), "lcm.teacher_legs": json.dumps(legs)}
+    tmp = out + ".tmp"
+    safetensors.torch.save_file(state, tmp, metadata=meta)
+    os.replace(tmp, out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -205,8 +231,15 @@ def main() -> None:
     b.add_argument("--vae", default=DEMO_TEACHER)
     b.add_argument("--base-out", default="outputs/compose/base_init.safetensors")
     b.add_argument("--seed", type=int, default=0)
+    u = sub.add_parser("bundle", help="the trained teacher as the bundled asset (float16, portable metadata)")
+    u.add_argument("--from", dest="source", required=True, help="the run's model.safetensors (or a checkpoint's)")
+    u.add_argument("--out", default=os.path.join(os.path.dirname(DEMO_TEACHER), "compose_teacher.safetensors"))
+    u.add_argument("--steps", type=int, required=True, help="optimizer steps of this leg")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.cmd == "bundle":
+        print(bundle_teacher(a.source, a.out, a.steps))
+        return
     if a.cmd == "text":
         text, _, acc = pretrain_towers(TEACHER_ARCH["text"], a.steps, lr=a.lr, seed=a.seed, word_drop=a.word_drop)
         print("caption accuracy:", json.dumps(acc), flush=True)

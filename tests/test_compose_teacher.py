@@ -3,10 +3,12 @@ the same architecture function, written by save_teacher, loads through the SDXL 
 pooled vector, size/crop ids through label_emb), samples, trains its towers, and trains 2 steps of
 `train.py experiment=compose_teacher`."""
 
+import json
 import os
 
 import pytest
 import safetensors
+import safetensors.torch
 import torch
 from omegaconf import open_dict
 
@@ -157,3 +159,27 @@ def test_train_two_steps_then_resume(tiny_file, tmp_path):
     assert out.family == "sdxl" and out.prediction_type == "v_prediction" and out.unet.adm_in_channels
     result = _run([o.replace("train.max_steps=2", "train.max_steps=3") for o in over] + ["resume=true"])
     assert result["status"] == "done" and result["step"] == 3
+
+
+def test_bundle_then_continue_a_leg(tiny_file, tmp_path):
+    """demo.compose_text bundle: float16 tensors equal to the export's rounded, the world spec back, no
+    machine path; a leg trained from the bundled file appends itself to the file's legs."""
+    from demo.compose_text import bundle_teacher
+    out = str(tmp_path / "compose_teacher.safetensors")
+    over = ["experiment=compose_teacher", "data.length=8", "train.batch_size=2", "train.max_steps=1",
+            "train.warmup_steps=0"]
+    first = _run(over + [f"model.path={tiny_file[0]}", f"hydra.run.dir={tmp_path / 'leg1'}"])
+    bundle_teacher(first["export"], out, 1)
+    src, got = safetensors.torch.load_file(first["export"]), safetensors.torch.load_file(out)
+    assert src.keys() == got.keys() and all(got[k].dtype == torch.float16 for k in got)
+    assert all(torch.equal(got[k], src[k].half()) for k in src)
+    with safetensors.safe_open(out, framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["world"]) and str(tmp_path) not in json.dumps(meta)
+    assert json.loads(meta["lcm.teacher_legs"]) == [{"steps": 1, "from": os.path.basename(tiny_file[0])}]
+    second = _run(over + [f"model.path={out}", f"hydra.run.dir={tmp_path / 'leg2'}"])
+    assert Pipeline.from_checkpoint(out).family == "sdxl"
+    bundle_teacher(second["export"], out, 1)
+    with safetensors.safe_open(out, framework="pt") as f:
+        legs = json.loads(f.metadata()["lcm.teacher_legs"])
+    assert legs == [{"steps": 1, "from": os.path.basename(tiny_file[0])}, {"steps": 1, "from": os.path.basename(out)}]
