@@ -16,7 +16,7 @@ import hashlib
 import os
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from lcm.cli import USER_ERRORS, help_text, preflight_message, run_or_exit
@@ -25,7 +25,9 @@ from lcm.sampling.build import build_pipeline
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 OPTION_KEYS = ("reference", "inception_weights", "kid_subsets", "kid_subset_size", "clip_model", "clip_pretrained",
                "aesthetic_weights", "aesthetic_clip_pretrained", "aesthetic_clip_model", "demo_evaluator", "demo_n_ref",
-               "metric_batch", "fid_bootstrap")
+               "metric_batch", "fid_bootstrap", "hps_weights", "hps_clip_model", "image_reward_weights",
+               "image_reward_med_config", "image_reward_tokenizer", "pickscore_model", "pickscore_processor")
+DEMO_METRICS = ("demo_accuracy", "demo_fd", "demo_diversity")   # metrics=null with a model preset that names none
 METHOD_KEYS = ("name", "solver", "steps", "guidance_scale", "eta", "spacing", "lora_scales", "teacher", "train_seed")
 
 
@@ -77,12 +79,16 @@ def run(cfg: DictConfig) -> list[dict]:
     from lcm.evaluation.runner import check_grid
     from lcm.evaluation.stats import Bootstrap, compare
     from lcm.sampling.outputs import png_info
+    with open_dict(cfg):                              # null: the model preset's evaluation defaults
+        ev = cfg.model.get("evaluation") or {}
+        cfg.prompts = cfg.prompts if cfg.prompts is not None else ev.get("prompts", "demo")
+        cfg.metrics = cfg.metrics if cfg.metrics is not None else ev.get("metrics", DEMO_METRICS)
     metrics = list(cfg.metrics)
-    plugins = list(cfg.metric_plugins or [])
+    plugins = list(cfg.metric_plugins or []) + list(ev.get("plugins") or [])
     if HydraConfig.get().runtime.choices.get("model") == "demo" or any(m.startswith("demo_") for m in metrics) \
             or cfg.prompts == "demo":
         plugins.append("demo.metrics")                # the demo world's metrics and prompt set
-    load_plugins(plugins)
+    load_plugins(list(dict.fromkeys(plugins)))
     methods = methods_of(OmegaConf.to_container(cfg.methods, resolve=True))
     prompts = load_prompts(str(cfg.prompts), cfg.n_prompts, int(cfg.seeds_per_prompt), int(cfg.seed))
     options = {k: cfg[k] for k in OPTION_KEYS} | {"device": cfg.model.device}

@@ -10,7 +10,8 @@ metric math) against a folder of reference images or an .npz of (mu, sigma); `cl
 (open_clip, 100 * max(cos, 0), averaged: torchmetrics' CLIPScore and the LCM paper's) and
 `clip_diversity` (mean pairwise 1 - cos of each prompt's CLIP image embeddings). Every
 extractor loads a local weights file; a missing one raises MissingWeights, one line naming the
-file and where to get it. Other metrics (the demo world's classifier) register themselves.
+file and where to get it. `aesthetic` is a per-image score too. Other metrics register themselves:
+the preference rewards `hps`, `image_reward`, `pickscore` (rewards.py), the demo world's classifier.
 """
 from __future__ import annotations
 
