@@ -1,9 +1,11 @@
 """GPU table: LCM-LoRA 4-step text-to-image latency (SD1.5 512px, SDXL 1024px), bf16, torch.compile
-off/on, ours vs diffusers on the same random weights; LCM-LoRA training step memory at SDXL size.
+off/on, ours vs diffusers on the same random weights; LCM-LoRA training step memory at SDXL size;
+our UNet's model FLOP utilisation at batch 8.
 
     python benchmarks/gpu.py                          # one CUDA GPU, prints one table (aims at < 8 min;
                                                       # not yet run on a GPU: none was available)
     python benchmarks/gpu.py --tiny --device cpu      # the same code on tiny models (CI smoke test)
+    python benchmarks/gpu.py --families --no-train --json mfu.json    # only the MFU rows, also as JSON
 
 Latency = one prompt -> text encoding -> 4 LCM steps (guidance 1.0, fused rank-64 LoRA) -> VAE
 decode -> PIL, median of --runs after warm-up (compile time is reported apart). Both pipelines get
@@ -11,9 +13,16 @@ identical weights (diffusers modules -> the original layout -> ours), the VAE in
 Their final latents are compared first (bf16: ~1e-2 relative is expected; fp32: 1e-3 asserted).
 Training memory: benchmarks/train_step.py at SDXL size (latent 128 = 1024px, base bf16, LoRA fp32,
 autocast), each implementation in its own process, torch.cuda.max_memory_allocated.
+MFU: our SD1.5 UNet (64x64 latents, 77 tokens; --tiny: the smoke model), batch --mfu-batch, --dtype:
+FLOPs counted by torch's FlopCounterMode (shapes only, on the meta device) over the median seconds of
+a forward (inference) and of a forward + backward (all weights trainable), divided by the device's
+dense bf16/fp16 tensor-core peak (PEAK_TFLOPS; --peak-tflops for others). --json rewrites its file
+after each row, so a killed run keeps the rows done.
 """
 import argparse
+import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -131,12 +140,75 @@ def latency(ours, ref, size: int, steps: int, runs: int, device: str, compile_: 
         for _ in range(runs):                                 # interleaved
             for name, fn in (("ours", run_ours), ("ref", run_ref)):
                 sync(device)
+                if device.startswith("cuda"):                 # peak above the resident weights of both
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 fn()
                 sync(device)
                 times[name].append(time.perf_counter() - t0)
+                if device.startswith("cuda"):
+                    res[f"{name}_call_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     res |= {k: statistics.median(v) for k, v in times.items()}
     return res
+
+#----------------------------------------------------------------------------
+# UNet model FLOP utilisation: counted FLOPs / median seconds / the device's dense peak.
+
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("B200", 2250.0),
+               ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0)]   # dense bf16, vendor sheets
+
+
+def unet_mfu(args, dtype: torch.dtype) -> list[dict]:
+    """Our UNet at batch args.mfu_batch: forward and forward + backward seconds, TFLOP/s, MFU, peak MB."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.unet import UNET_PRESETS, UNetModel
+    if args.tiny:
+        from omegaconf import OmegaConf
+        kw, side = dict(OmegaConf.load(os.path.join(ROOT, "conf/experiment/smoke.yaml")).model.unet), 8
+    else:
+        kw, side = UNET_PRESETS["sd15"], 64
+    B, cuda = args.mfu_batch, args.device.startswith("cuda")
+    name = torch.cuda.get_device_name() if cuda else args.device
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS if cuda and k in name), None)
+    if dtype == torch.float32 and not args.peak_tflops:
+        peak = None                                           # the table is for half-precision tensor cores
+
+    def call(unet, device, backward):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(B, 4, side, side, generator=g).to(device, dtype)
+        ctx = torch.randn(B, 77, kw["context_dim"], generator=g).to(device, dtype)
+        out = unet(x, torch.full((B,), 500, device=device), ctx)
+        if backward:
+            out.float().square().mean().backward()
+
+    rows = []
+    with torch.device("meta"):
+        meta = UNetModel(**kw).to(dtype)
+    with torch.device(args.device):
+        unet = UNetModel(**kw).to(dtype)
+    for backward in (False, True):
+        with FlopCounterMode(display=False) as fc, torch.set_grad_enabled(backward):
+            call(meta, "meta", backward)
+        times = []
+        with torch.set_grad_enabled(backward):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            for i in range(2 + args.runs):                    # 2 warm-up calls
+                unet.zero_grad(set_to_none=True)
+                sync(args.device)
+                t0 = time.perf_counter()
+                call(unet, args.device, backward)
+                sync(args.device)
+                times.append(time.perf_counter() - t0)
+        s = statistics.median(times[2:])
+        tflops = fc.get_total_flops() / s / 1e12
+        rows.append(dict(mode="forward+backward" if backward else "forward", batch=B, latent=side, seconds=s,
+                         gflop=fc.get_total_flops() / 1e9, tflops=tflops, peak_tflops=peak,
+                         mfu=tflops / peak if peak else None,
+                         peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None))
+    return rows
 
 
 def training_memory(args) -> str:
@@ -146,7 +218,7 @@ def training_memory(args) -> str:
            "--repeat", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
-        return f"training step failed: {out.stderr[-2000:]}"
+        sys.exit(f"training step failed: {out.stderr[-2000:]}")
     return out.stdout.strip()
 
 
@@ -154,18 +226,27 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--families", nargs="+", default=["sd15", "sdxl"])
+    ap.add_argument("--families", nargs="*", default=["sd15", "sdxl"], help="latency rows (none: no rows)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip the compile-on rows")
     ap.add_argument("--no-train", action="store_true", help="skip the SDXL training-memory row")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a smoke test of this script)")
+    ap.add_argument("--mfu-batch", type=int, default=8, help="UNet MFU rows at this batch (0: none)")
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: PEAK_TFLOPS)")
+    ap.add_argument("--json", help="also write the results here (rewritten after each row)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     print(f"torch {torch.__version__}, {dev}, {args.dtype}, {args.steps} LCM steps, fused LoRA r64", flush=True)
-    rows = []
+    rows, report = [], dict(torch=torch.__version__, device=dev, dtype=args.dtype, latency=[], mfu=[])
+
+    def dump():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    dump()
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             ours, ref, size = build(family, args.tiny, args.device, dtype, tmp)
@@ -174,6 +255,9 @@ def main():
                 if dtype == torch.float32 and r["rel_diff"] > 1e-3:
                     sys.exit(f"{family}: the pipelines disagree (max rel diff {r['rel_diff']:.1e})")
                 rows.append((family, size, compile_, r))
+                report["latency"].append(dict(family=family, size=size, compile=compile_,
+                                              ratio=r["ours"] / r["ref"], **r))
+                dump()
                 print(f"{family} {size}px compile={'on' if compile_ else 'off'}: ours {r['ours'] * 1e3:.0f} ms, "
                       f"diffusers {r['ref'] * 1e3:.0f} ms, ratio {r['ours'] / r['ref']:.3f} (first call "
                       f"{r['ours_first']:.1f} s / {r['ref_first']:.1f} s; latents rel diff {r['rel_diff']:.1e})",
@@ -181,14 +265,27 @@ def main():
             del ours, ref
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    print("\n| model | size | compile | ours (ms / image) | diffusers (ms / image) | ratio | first call ours / diffusers (s) |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    if rows:
+        print("\n| model | size | compile | ours (ms / image) | diffusers (ms / image) | ratio | first call ours / diffusers (s) |")
+        print("|---|---:|---|---:|---:|---:|---:|")
     for family, size, c, r in rows:
         print(f"| {family} | {size} | {'on' if c else 'off'} | {r['ours'] * 1e3:.0f} | {r['ref'] * 1e3:.0f} | "
               f"{r['ours'] / r['ref']:.3f} | {r['ours_first']:.1f} / {r['ref_first']:.1f} |")
+    if args.mfu_batch:
+        print(f"\nUNet MFU, batch {args.mfu_batch}, {args.dtype}:")
+        for r in unet_mfu(args, dtype):
+            report["mfu"].append(r)
+            dump()
+            mfu = f"{r['mfu']:.1%} of {r['peak_tflops']:.0f}" if r["mfu"] is not None else "no peak known"
+            print(f"{r['mode']}: {r['seconds'] * 1e3:.1f} ms, {r['gflop']:.0f} GFLOP, {r['tflops']:.2f} TFLOP/s "
+                  f"(MFU {mfu})" + (f", peak allocated {r['peak_mb']:.0f} MB" if r["peak_mb"] else ""), flush=True)
     if not args.no_train:
         print("\nLCM-LoRA training step, SDXL UNet, 1024px, batch 1, base bf16 + LoRA fp32 (train_step.py):")
-        print(training_memory(args))
+        text = training_memory(args)
+        print(text)
+        report["training"] = dict(text=text, peak_mb={impl: float(mb) for impl, mb in re.findall(
+            r"^\s*(\w+): step .*?(?:peak allocated|peak RSS) (\d+) MB", text, re.M)})
+        dump()
 
 
 if __name__ == "__main__":

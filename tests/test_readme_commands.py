@@ -30,6 +30,7 @@ SKIP = [
     (r"^python -m venv\b", "creates .venv, installs packages from the network (setup; .ci/run does it in CI)"),
     (r"^python -m pytest\b", "the test suite itself (CI runs it; -m fullsize is opt-in: full SD size, GiB)"),
     (r"^python benchmarks/gpu\.py", "needs a CUDA GPU (tests/test_benchmarks.py runs the script on tiny models)"),
+    (r"^python benchmarks/gpu_check\.py", "the first GPU run (~9 min on CUDA); tests/test_gpu_check.py runs its dry run"),
     (r"^python benchmarks/(?!memory_table)", "full SD1.5-size UNet/VAE in ours and in diffusers: minutes and GiB a run, by hand"),
     (r"^python evaluate\.py .*(?:inception_weights|clip_pretrained)=",
      "FID / CLIP score of real SD weights on COCO: needs the Inception and CLIP weights and the images (not here)"),
