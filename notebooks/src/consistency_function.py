@@ -61,8 +61,9 @@ CELLS = [
         axes[1].loglog(ts[1:], c_skip[1:], style, label=f"c_skip, scaling {scaling:g}")
     grid = lcm_grid(spec.num_ddim_timesteps)
     axes[0].axvline(grid[0], color="gray", lw=0.8, label=f"first LCM grid point t={grid[0]}")
-    axes[0].set_xlabel("t"), axes[0].legend(fontsize=6)
-    axes[1].set_xlabel("t"), axes[1].set_ylabel("c_skip"), axes[1].legend(fontsize=6)
+    axes[0].set_xlabel("t (raw timestep)"), axes[0].set_ylabel("c_skip(t), c_out(t)"), axes[0].legend(fontsize=6)
+    axes[0].set_title("boundary scalings near t = 0 (solid: timestep scaling 10)")
+    axes[1].set_xlabel("t (raw timestep)"), axes[1].set_ylabel("c_skip(t)"), axes[1].legend(fontsize=6)
     axes[1].set_title("c_skip on a log scale: 1 - c_out is of the same order")
     fig.tight_layout()
     plt.show()
@@ -170,7 +171,8 @@ CELLS = [
     fig, ax = plt.subplots(figsize=(4.5, 2.4))
     for k, v in err.items():
         ax.plot([t for t, _ in traj[:-1]], v, "o-", ms=3, label=k)
-    ax.invert_xaxis(), ax.set_xlabel("t along the trajectory"), ax.set_ylabel("relative distance to the end")
+    ax.invert_xaxis(), ax.set_xlabel("t along the trajectory"), ax.set_ylabel("|f(z_t, t) - z_end| / |z_end|")
+    ax.set_title("distance to the DDIM end point (one trajectory, seed 2)")
     ax.legend(), fig.tight_layout()
     plt.show()
 

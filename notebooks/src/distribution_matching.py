@@ -163,12 +163,13 @@ CELLS = [
         for _ in range(32):
             x_t = S.add_noise(x_show, torch.randn(x_show.shape, generator=gen, dtype=torch.float64), tt)
             step -= dm_gradient(x_show, mixture_x0(x_t, tt), mixture_x0(x_t, tt, W_MISSING)) / 32
-        ax.scatter(*x_have[:2000].T, s=1, alpha=0.2, c="C0")
+        ax.scatter(*x_have[:2000].T, s=1, alpha=0.2, c="C0", label="generator samples")
         ax.scatter(*MEANS[LIGHT].T, s=30, marker="x", c="C3", label="missing modes")
-        ax.quiver(*x_show.T, *step.T, angles="xy", scale_units="xy", scale=1, color="k", width=0.004)
-        ax.set_xlim(-3, 3), ax.set_ylim(-3, 3), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-        ax.set_title(f"-g at t = {t}: mean |g| {step.norm(dim=1).mean().item():.2f}")
-    axes[0].legend(loc="lower left", fontsize=6)
+        ax.quiver(*x_show.T, *step.T, angles="xy", scale_units="xy", scale=1, color="k", width=0.004)   # to scale
+        ax.set_xlim(-3, 3), ax.set_ylim(-3, 3), ax.set_aspect("equal"), ax.set_xlabel("x_1")
+        ax.set_title(f"DM step -g (arrows) at t = {t}\\nmean |g| = {step.norm(dim=1).mean().item():.2f}")
+    leg = axes[0].legend(loc="lower left", fontsize=6)
+    leg.legend_handles[0].set_sizes([8]), leg.legend_handles[0].set_alpha(1), axes[0].set_ylabel("x_2")
     fig.tight_layout()
     plt.show()
     """),
@@ -373,6 +374,7 @@ CELLS = [
             ax.scatter(*x[0, :2000].T, s=0.5, alpha=0.3)
             ax.set_title(f"step {it}")
         row[0].set_ylabel(name, fontsize=7)
+    axes[0, 0].set_ylabel("reference", fontsize=7)
     fig.suptitle("generator samples over training (seed 0); circle areas: mixture weights")
     fig.tight_layout()
     plt.show()
@@ -389,12 +391,16 @@ CELLS = [
     axes[0].scatter(torch.arange(K), W_GUIDED, marker="_", s=80, c="C4", label="(d)'s target w^2")
     axes[0].set_xlabel("mode k (light: 1, 3, 5, 7)"), axes[0].set_ylabel("fraction of samples")
     axes[0].set_title(f"mode frequencies at step {SNAPSHOTS[-1]} (mean, min-max over {SEEDS} seeds)")
-    axes[0].legend(fontsize=5, ncol=2)
-    for name, res in results.items():
-        axes[1].plot(res["hist"]["grad"].mean(1).unfold(0, 10, 10).mean(1), label=name)
-        axes[2].plot(res["hist"]["fake_loss"].mean(1).unfold(0, 40, 40).mean(1))
-    axes[1].set_xlabel("generator step / 10"), axes[1].set_title("mean |g| of the DM step")
-    axes[2].set_xlabel("fake update / 40"), axes[2].set_title("fake denoising loss"), axes[2].set_yscale("log")
+    axes[0].set_ylim(0, 0.5), axes[0].legend(fontsize=5, ncol=3, loc="upper center")
+    for i, (name, res) in enumerate(results.items()):
+        for ax, key, every in [(axes[1], "grad", 10), (axes[2], "fake_loss", 40)]:
+            h = res["hist"][key].unfold(0, every, every).mean(-1)          # (steps / every, seeds)
+            ax.plot(h.mean(1), color=f"C{i}", lw=1, label=name)
+            ax.fill_between(range(len(h)), h.min(1).values, h.max(1).values, color=f"C{i}", alpha=0.2, lw=0)
+    axes[1].set_xlabel("generator step / 10"), axes[1].set_ylabel("mean |g| per sample")
+    axes[1].set_title("DM step size (band: min-max over seeds)")
+    axes[2].set_xlabel("fake update / 40"), axes[2].set_ylabel("denoising loss"), axes[2].set_yscale("log")
+    axes[2].set_title("fake denoiser loss (band: min-max)"), axes[2].legend(fontsize=5)
     fig.tight_layout()
     plt.show()
     """),

@@ -152,6 +152,7 @@ CELLS = [
                 mew=2, color=f"C{i}")
     ax.set_yticks(range(len(ROWS)), list(ROWS)), ax.set_ylim(-0.6, len(ROWS) - 0.4), ax.set_xlim(-15, 1015)
     ax.set_xlabel("timestep t  (grey: the 50-point grid 19, 39, ..., 999; dashed: the M = 4 edges)")
+    ax.set_title("PCM phase edges and the 4-step grids of PCM, TCD / LCM and DDIM")
     fig.tight_layout()
     plt.show()
     """),

@@ -153,7 +153,8 @@ CELLS = [
     assert torch.equal(info["t_nk"], t_nk) and torch.allclose(loss, ref, rtol=1e-5, atol=1e-7)
     lat = torch.stack([z, z_nk, z_hat, target_f, pred.detach()], 1).flatten(0, 1)   # (B * 5, 4, h, w)
     show_grid(pipe.decode(lat), [f"t_nk={a}, t_n={b}" for a, b in zip(t_nk.tolist(), t_n.tolist())],
-              ["z (clean)", "z at t_nk", "z_hat at t_n", "target", "student"], size=1.0)
+              ["z (clean)", "z at t_nk", "z_hat at t_n", "target", "student"], size=1.0,
+              title="one LCD step per sample (decoded latents)")
     """),
     md(r"""
     ## Step 9: update
@@ -207,13 +208,17 @@ CELLS = [
     axes[0].plot(WS, distance(pred1.expand_as(tw), tw, "huber"), "o-", label="loss d(student, target)")
     moved = (tw - tw[:1]).flatten(1).norm(dim=1) / tw[0].norm()
     axes[0].plot(WS, moved, "s--", label="|target(w) - target(0)| / |target(0)|")
-    axes[0].set_xlabel(f"w (k = {K})"), axes[0].legend(fontsize=6)
+    axes[0].set_xlabel(f"w (k = {K})"), axes[0].set_ylabel("loss / relative change"), axes[0].legend(fontsize=6)
+    axes[0].set_title("moving the guidance w")
     axes[1].plot(KS, distance(pred1.expand_as(tk), tk, "huber"), "o-", label="loss d(student, target)")
-    axes[1].set_xscale("log"), axes[1].set_xlabel("k (w = 7.5)"), axes[1].legend(fontsize=6)
+    axes[1].set_xscale("log"), axes[1].set_xlabel("k (w = 7.5)"), axes[1].set_ylabel("pseudo-Huber loss")
+    axes[1].set_title("moving the skipping step k"), axes[1].legend(fontsize=6)
     fig.suptitle(f"t_{{n+k}} = {T_NK}: '{captions[0]}'")
     fig.tight_layout()
     plt.show()
-    show_grid(pipe.decode(torch.cat([pred1, tw])), [f"k = {K}"], ["student"] + [f"target, w={v:g}" for v in WS], size=1.0)
-    show_grid(pipe.decode(torch.cat([pred1, tk])), ["w = 7.5"], ["student"] + [f"target, k={v}" for v in KS], size=1.0)
+    show_grid(pipe.decode(torch.cat([pred1, tw])), [f"k = {K}"], ["student"] + [f"target, w={v:g}" for v in WS], size=1.0,
+              title=f"the target as w moves (t_n+k = {T_NK})")
+    show_grid(pipe.decode(torch.cat([pred1, tk])), ["w = 7.5"], ["student"] + [f"target, k={v}" for v in KS], size=1.0,
+              title=f"the target as k moves (t_n+k = {T_NK})")
     """),
 ]

@@ -15,6 +15,7 @@ def code(text: str):
 # Shared first cell: import path, demo folder, plotting (pure plotting helpers only).
 
 SETUP = '''
+%matplotlib inline
 import os
 import sys
 
@@ -30,7 +31,8 @@ import torch
 
 warnings.filterwarnings("ignore", message="IProgress not found")   # tqdm without ipywidgets
 torch.set_grad_enabled(False)                   # inference only unless a cell says otherwise
-plt.rcParams.update({"figure.dpi": 72, "font.size": 8, "axes.titlesize": 8})
+torch.manual_seed(0)                            # draws without a generator repeat from build to build
+plt.rcParams.update({"figure.dpi": 90, "font.size": 8, "axes.titlesize": 8})   # PNGs stored in the notebooks: modest dpi
 
 
 def show_grid(images, rows, cols, title=None, size=1.1):
