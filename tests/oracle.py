@@ -37,6 +37,22 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
     return module.eval()
 
 
+def tiny_open_clip_model(config_dir, name: str, embed_dim: int):
+    """Register and build a tiny open_clip CLIP (ViT 32x32 in patches of 16, one layer per tower) as
+    open_clip.create_model(name) builds the real ones; the config is written to config_dir/<name>.json."""
+    import json
+    import os
+
+    import open_clip
+    cfg = dict(embed_dim=embed_dim, vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=16),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    os.makedirs(config_dir, exist_ok=True)
+    with open(os.path.join(config_dir, f"{name}.json"), "w") as f:
+        json.dump(cfg, f)
+    open_clip.add_model_config(str(config_dir))
+    return open_clip.create_model(name)
+
+
 def tiny_unet(family: str = "sd15", layers_per_block: int = 1, seed: int = 0):
     from diffusers import UNet2DConditionModel
     common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=layers_per_block,

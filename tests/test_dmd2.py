@@ -217,12 +217,17 @@ def _tensors(run_dir):
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def test_cli_run_exports_g_only_and_it_samples_on_its_grid(tmp_path):
+def cli_run(objective: str, run_dir) -> None:
+    """`python train.py experiment=smoke objective=<objective>` for 2 steps (one generator step)."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "train.py", "experiment=smoke", "objective=dmd2", "train.max_steps=2",
-                        "objective.gen_every=2", "validation=off", f"hydra.run.dir={tmp_path}"],
+    r = subprocess.run([sys.executable, "train.py", "experiment=smoke", f"objective={objective}", "train.max_steps=2",
+                        "objective.gen_every=2", "validation=off", f"hydra.run.dir={run_dir}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_cli_run_exports_g_only_and_it_samples_on_its_grid(tmp_path):
+    cli_run("dmd2", tmp_path)
     path = str(tmp_path / "dmd2.safetensors")
     with safe_open(path, "pt") as f:
         keys, meta = list(f.keys()), f.metadata()

@@ -165,13 +165,9 @@ def test_validation_metrics_are_logged_against_the_training_step(tmp_path):
 def test_aesthetic_score_is_the_laion_head_on_the_normalised_clip_embedding(tmp_path):
     """aesthetic: Linear 768-1024-128-64-16-1 (the predictor's `layers.*` keys) on e / |e| of CLIP."""
     import open_clip
-    cfg = dict(embed_dim=768, vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=16),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
-    (tmp_path / "cfg").mkdir()
-    (tmp_path / "cfg" / "tiny-aesthetic-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(str(tmp_path / "cfg"))
+    from tests.oracle import tiny_open_clip_model
     torch.manual_seed(0)
-    clip = open_clip.create_model("tiny-aesthetic-clip")
+    clip = tiny_open_clip_model(tmp_path / "cfg", "tiny-aesthetic-clip", 768)
     torch.save(clip.state_dict(), tmp_path / "clip.pt")
     dims = [768, 1024, 128, 64, 16, 1]
     head = {f"layers.{j}.{k}": (torch.randn(dims[i + 1], dims[i]) / dims[i] ** 0.5 if k == "weight" else torch.randn(dims[i + 1]))

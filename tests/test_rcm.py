@@ -2,8 +2,6 @@
 passes batched into one and equal to the two separate passes; adapter routing; fake-score steps; dmd_start;
 a CLI run exporting the student with the sCM spec."""
 import os
-import subprocess
-import sys
 
 import torch
 from omegaconf import OmegaConf
@@ -87,11 +85,7 @@ def test_fake_score_steps_and_dmd_start():
 
 
 def test_cli_run_exports_the_student_with_the_scm_spec(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "train.py", "experiment=smoke", "objective=rcm", "train.max_steps=2",
-                        "objective.gen_every=2", "validation=off", f"hydra.run.dir={tmp_path}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    test_dmd2.cli_run("rcm", tmp_path)
     with safe_open(str(tmp_path / "rcm.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert keys and not any("fake" in k for k in keys)

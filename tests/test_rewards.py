@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import lcm.evaluation.rewards  # noqa: F401  (registers hps, image_reward, pickscore)
 from lcm.evaluation import MetricSet, MissingWeights
 from lcm.evaluation.stats import Bootstrap
-from tests.oracle import hf_tokenizer, randomize_
+from tests.oracle import hf_tokenizer, randomize_, tiny_open_clip_model
 
 PROMPTS = ["a red cube", "a blue sphere"]
 
@@ -49,12 +49,7 @@ def test_the_rewards_register_without_importing_their_packages():
 def test_hps_is_100_cos_of_the_open_clip_model_on_letterboxed_images(tmp_path):
     import open_clip
     from torchvision.transforms import functional as TF
-    cfg = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=16),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
-    (tmp_path / "cfg").mkdir()
-    (tmp_path / "cfg" / "tiny-hps.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(str(tmp_path / "cfg"))
-    clip = randomize_(open_clip.create_model("tiny-hps"))
+    clip = randomize_(tiny_open_clip_model(tmp_path / "cfg", "tiny-hps", 16))
     torch.save({"state_dict": clip.state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")     # hpsv2's layout
     opts = {"hps_weights": str(tmp_path / "HPS_v2.1_compressed.pt"), "hps_clip_model": "tiny-hps"}
     images = _images(24, 40)                                    # landscape: resized to 19x32, padded 6 + 7 rows
