@@ -76,3 +76,26 @@ def test_a_sampling_step_reads_nothing(count, solver):
     kw = dict(seed=0, solver=solver, output="latent", progress=False, guidance_scale=2.0)
     reads = per_step(count(pipe, "a red circle", steps=2, **kw), count(pipe, "a red circle", steps=4, **kw), 2)
     assert reads == {}
+
+
+def registry_cases():
+    """One variant of every objective of the registry (conf/objective/*.yaml), LoRA where supported,
+    with gen_every = 2 where the objective alternates, so 2 counted steps hold one step of each kind."""
+    from tests.test_device_hygiene import OBJECTIVES, supported, variants
+    for path in OBJECTIVES:
+        i, cfg = sorted((i for i in variants(path) if supported(i[1])), key=lambda c: "-lora-" not in c[0])[0]
+        if "gen_every" in cfg:
+            cfg["gen_every"] = 2
+        yield pytest.param(cfg, id=i)
+
+
+@pytest.mark.parametrize("cfg", list(registry_cases()))
+def test_every_objective_reads_the_host_once_per_step(count, tmp_path, cfg):
+    from hydra.utils import instantiate
+    data = ImageFolder(os.path.join(ROOT, "tests", "fixtures", "tiny_data"), resolution=32)
+
+    def run(steps):
+        tcfg = TrainConfig(max_steps=steps, batch_size=2, lr=1e-4, log_every=100, checkpoint_every=100)
+        return count(loop.train, build_pipeline(SMOKE_MODEL), data, tcfg, str(tmp_path / str(steps)), instantiate(cfg))
+    reads = per_step(run(2), run(4), 2)
+    assert sum(reads.values()) == 1, reads

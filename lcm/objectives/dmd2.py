@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 
 import torch
 from torch import nn
@@ -173,8 +174,7 @@ class DMD2(Objective):
         t_dm = draw(generator, B, lambda n, g: torch.randint(self.dm_t[0], self.dm_t[1] + 1, (n,), generator=g,
                                                              device="cpu")).to(z.device)
         eps_dm = randn()
-        g = torch.Generator().manual_seed(hash_seed(self._seed, self._step, "dmd2.k"))
-        k = int(torch.randint(len(grid), (), generator=g, device="cpu"))
+        k = random.Random(hash_seed(self._seed, self._step, "dmd2.k")).randrange(len(grid))   # no tensor: no host read
         return dict(x_T=x_T, renoise=renoise, t_dm=t_dm, eps_dm=eps_dm, k=k)
 
     def grid(self) -> list[int]:
