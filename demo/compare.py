@@ -25,6 +25,7 @@ differs in any of them re-evaluates the run (--force re-evaluates regardless).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -33,6 +34,7 @@ import time
 import torch
 
 from demo import sweep
+from demo.matrix import supported_steps
 from demo.sweep import (cell_text, comparison_table, differences, file_id, group_configs,
                         key_difference, load_replicates, normal, pick_reference, resample, save_replicates,
                         score_cell, seed_table, summarise)
@@ -103,7 +105,7 @@ def evaluate_run(run: str, pipe, ev, ref, prompts, seed: int, keep: int, force: 
         method = method_of(run, spec.objective)
         for sampler, kw in SAMPLERS[method]:
             lab = label(sampler, kw)
-            for steps in STEPS:
+            for steps in supported_steps(sampler, dataclasses.asdict(spec), STEPS):   # DMD2's 4-point grid: no 8
                 done = str(steps) in results.get(lab, {})
                 shown = steps in (1, 4) and keep > 0
                 if done and not shown:
