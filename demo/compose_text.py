@@ -206,6 +206,7 @@ def bundle_teacher(source: str, out: str, steps: int) -> str:
     meta = scrub_metadata(meta) | {"world": json.dumps(world_spec()), "lcm.teacher_legs": json.dumps(legs)}
     tmp = out + ".tmp"
     safetensors.torch.save_file(state, tmp, metadata=meta)
+    os.chmod(tmp, 0o644)                                  # a bundled asset: readable by everyone
     os.replace(tmp, out)
     return out
 
