@@ -1,0 +1,179 @@
+"""The distillation matrix's worlds (the evaluations each runs, the metric keys it reports) and its
+report: <out>.md (a table per metric, the cost table, the verdicts, the command line), <out>.json and
+<out>.png (accuracy and Frechet distance vs steps, one line per method, 95% error bars), from the
+document demo/matrix.py assembles."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One evaluate run: a prompt set, its metrics, and the suffix its metric keys get in the report."""
+    prompts: str
+    metrics: tuple[str, ...]
+    suffix: str = ""
+
+
+WORLDS = {   # world -> (metric plugin, evaluations, accuracy keys, Frechet key) as the plugins register them
+    "demo": ("demo.metrics", (Evaluation("demo", ("demo_accuracy", "demo_fd", "demo_diversity")),),
+             ("demo_acc",), "demo_fd"),
+    "compose": ("demo.compose_metrics", (Evaluation("compose", ("compose_accuracy", "compose_fd", "compose_diversity")),
+                                         Evaluation("compose_heldout", ("compose_accuracy",), "_heldout")),
+                ("compose_acc", "compose_acc_heldout"), "compose_fd"),
+}
+LABELS = {"demo_acc": "prompt accuracy (%)", "compose_acc": "prompt accuracy, seen pairs (%)",
+          "compose_acc_heldout": "prompt accuracy, held-out pairs (%)", "demo_fd": "Frechet distance (lower is better)",
+          "compose_fd": "Frechet distance (lower is better)", "demo_diversity": "diversity (mean pairwise 1 - cos)",
+          "compose_diversity": "diversity (mean pairwise 1 - cos)"}
+
+#----------------------------------------------------------------------------
+# The report.
+
+
+def fmt(v, k: str = "") -> str:
+    """A number as the tables show it: accuracy in %, others to 4 significant digits; '' for None / NaN."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if "_acc" in k:
+        return f"{100 * v:.1f}"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def est_ci(v, ci, k: str) -> str:
+    return fmt(v, k) + (f" [{fmt(ci[0], k)}, {fmt(ci[1], k)}]" if ci and None not in ci else "")
+
+
+def method_cell(level: dict | None, k: str) -> str:
+    """mean [t-interval] over seeds; for one seed its estimate [bootstrap interval] (the gen_ci)."""
+    if level is None:
+        return "-"
+    return est_ci(level["mean"], level["ci"] if level["n_seeds"] > 1 else level["gen_ci"], k)
+
+
+def markdown(doc: dict) -> str:
+    keys, steps, t = doc["metrics"], doc["steps"], doc["teacher"]
+    lines = [doc.get("header") or "# The distillation matrix", "",
+             f"World `{doc['world']}`, {doc['n_prompts']} prompt{'s' * (doc['n_prompts'] > 1)} x "
+             f"{doc['seeds_per_prompt']} images per cell "
+             f"(prompt sets: {', '.join(e['prompts'] for e in doc['evaluations'])}). Each cell: the mean over the "
+             "method's training seeds [95% t-interval over seeds]; with one seed, that LoRA's estimate [95% bootstrap "
+             "interval] (accuracy and diversity over prompts, FD over images; docs/statistics.md). Accuracy in %; "
+             f"-: a step count the method's sampler does not support. Teacher: DDIM {t.get('steps')} steps, CFG "
+             f"{fmt(t.get('guidance_scale'))}.", ""]
+    for k in keys:
+        lines += [f"## {LABELS.get(k, k)} (`{k}`)", "",
+                  "| method | sampler | seeds | " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in steps) + " |",
+                  "|---|---|---:|" + "---:|" * len(steps)]
+        for m in doc["methods"]:
+            sampler = m["sampler"]["solver"] + (f" (eta {m['sampler']['eta']:g})" if m["sampler"]["eta"] is not None else "")
+            lines.append(f"| {m['name']} | {sampler} | {m['n_seeds']} | "
+                         + " | ".join(method_cell(m["results"].get(str(s), {}).get(k), k) for s in steps) + " |")
+        if k in t:
+            lines += ["", f"Teacher (DDIM {t['steps']} steps, CFG {fmt(t['guidance_scale'])}): "
+                          f"{est_ci(t[k]['estimate'], t[k]['ci'], k)}."]
+        lines.append("")
+    lines += ["## Cost of training", "",
+              "Mean over the method's runs. UNet passes: forward passes per training step, a CFG pair counted 2, "
+              "backward passes not counted (demo/matrix.py unet_passes names the source of each count); a student "
+              "step = one student / generator update with the gen_every - 1 fake-score updates between (DMD2, rCM). "
+              "Seconds: train.batch_size / the median samples_per_s of metrics.jsonl. Peak memory: the largest "
+              "peak_mem_mb logged.", "",
+              "| method | seeds | train steps | student steps | batch | UNet passes / step | gen_every | "
+              "UNet passes / student step | s / step | s / student step | peak MB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in doc["methods"]:
+        c = m["cost"]
+        lines.append(f"| {m['name']} | {m['n_seeds']} | {fmt(c['train_steps'])} | {fmt(c['student_steps'])} | "
+                     f"{fmt(c['batch_size'])} | "
+                     f"{fmt(c['unet_passes_per_step']) or 'n/a'} | {fmt(c['gen_every'])} | "
+                     f"{fmt(c['unet_passes_per_student_step']) or 'n/a'} | {fmt(c['seconds_per_step']) or 'n/a'} | "
+                     f"{fmt(c['seconds_per_student_step']) or 'n/a'} | {fmt(c['peak_mem_mb']) or 'n/a'} |")
+    if doc["baseline"]:
+        lines += ["", f"## Verdicts against {doc['baseline']}", "",
+                  "Method minus baseline at the same steps: the paired bootstrap interval of the difference (the same "
+                  "prompts and images resampled for both; seeds averaged) and the Welch t-interval over training seeds "
+                  "(>= 2 seeds each; '-' otherwise, and then the verdict ignores the training-seed noise). **yes**: every "
+                  "available interval excludes 0 (on one side); better / worse by the metric's direction (diversity: "
+                  "higher / lower).", "",
+                  "| metric | method | steps | difference | paired bootstrap | over seeds | seeds | excludes 0 |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for v in doc["verdicts"]:
+            k = v["metric"]
+            ci = lambda c: f"[{fmt(c[0], k)}, {fmt(c[1], k)}]" if c else "-"   # noqa: E731
+            side = "higher" if v["diff"] > 0 else "lower"
+            word = "-" if v["excludes_0"] is None else ("**yes**, " + (side if v["better"] is None else
+                                                                     "better" if v["better"] else "worse")
+                                                        if v["excludes_0"] else "no")
+            lines.append(f"| {k} | {v['method']} | {v['steps']} | {fmt(v['diff'], k)} | {ci(v['gen_ci'])} | "
+                         f"{ci(v['seed_ci'])} | {v['n_seeds'][0]} vs {v['n_seeds'][1]} | {word} |")
+    lines += ["", "## Runs", "", "| run | method | train seed | LoRA | sampler | steps |", "|---|---|---:|---|---|---|"]
+    for r in doc["runs"]:
+        lines.append(f"| {r['run']} | {r['name']} | {fmt(r['train_seed'])} | {r['lora']} | {r['sampler']['solver']} | "
+                     f"{', '.join(r['results'])} |")
+    lines += ["", "Made with:", "", "```bash", doc["command"], "```", ""]
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: str) -> bool:
+    """Accuracy (each accuracy key) and Frechet distance vs steps, one line per method (mean over seeds with
+    its t-interval, or one seed's bootstrap interval), the teacher as a dashed line with its interval as a
+    band. False when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: {path} not written")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    _, _, acc, fd = WORLDS[doc["world"]]
+    keys = [k for k in (*acc, fd) if k in doc["metrics"]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    n = len(doc["methods"])
+    for ax, k in zip(axes[0], keys):
+        scale = 100 if "_acc" in k else 1
+        for j, m in enumerate(doc["methods"]):
+            pts = [(int(s), lv[k]) for s, lv in m["results"].items() if k in lv]
+            if not pts:
+                continue
+            xs, ys, lo, hi = [], [], [], []
+            for s, lv in sorted(pts):
+                ci = lv["ci"] if lv["n_seeds"] > 1 else lv["gen_ci"]
+                y = scale * lv["mean"]
+                xs.append(s * (1 + 0.02 * (j - (n - 1) / 2)))      # side by side: error bars stay apart
+                ys.append(y)
+                lo.append(max(y - scale * ci[0], 0) if ci else 0)
+                hi.append(max(scale * ci[1] - y, 0) if ci else 0)
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=f"{m['name']} ({m['n_seeds']} seed"
+                        f"{'s' * (m['n_seeds'] > 1)})")
+        t = doc["teacher"].get(k)
+        if t and t["estimate"] is not None:
+            ax.axhline(scale * t["estimate"], color="k", ls="--", lw=1, label=f"teacher (DDIM {doc['teacher']['steps']})")
+            if t["ci"]:
+                ax.axhspan(scale * t["ci"][0], scale * t["ci"][1], color="k", alpha=0.08)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(doc["steps"], [str(s) for s in doc["steps"]])
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(LABELS.get(k, k))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Distilled LoRAs vs sampling steps ({doc['world']} world, {doc['n_prompts']} prompts)")
+    fig.text(0.5, 0.005, "error bars: 95% t-interval over training seeds (several seeds), else the LoRA's bootstrap "
+             "interval; band: the teacher's interval", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(out: str, doc: dict) -> list[str]:
+    """<out>.json, <out>.md and <out>.png; returns the paths written."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write(markdown(doc))
+    return [out + ".json", out + ".md"] + ([out + ".png"] if plot(doc, out + ".png") else [])
