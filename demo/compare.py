@@ -35,11 +35,10 @@ import torch
 
 from demo import sweep
 from demo.matrix import supported_steps
-from demo.sweep import (cell_text, comparison_table, differences, file_id, group_configs,
-                        key_difference, load_replicates, normal, pick_reference, resample, save_replicates,
-                        score_cell, seed_table, summarise)
+from demo.seed_groups import (METRICS, STEPS, cell_text, comparison_table, differences, group_configs,
+                               pick_reference, seed_table, summarise)
+from demo.sweep import file_id, key_difference, load_replicates, normal, resample, save_replicates, score_cell
 
-STEPS = (1, 2, 4, 8)
 # A run's method: its objective's class (config.json objective._target_); each sampled with its own sampler(s).
 NAMES = {"LCDLoRA": "LCD (LCM-LoRA)", "TCD": "TCD", "PCM": "PCM", "DMD2": "DMD2", "SCM": "sCM", "RCM": "rCM"}
 SAMPLERS = {"LCD (LCM-LoRA)": [("lcm", {}), ("tcd", {"eta": 0.3})],
@@ -143,7 +142,7 @@ def rows_of(run: str, res: dict, reps: dict, info: dict) -> list[dict]:
     """The table rows of one evaluated run: one per sampler, with its replicates under `boot`."""
     out = []
     for lab, metrics in res["results"].items():
-        boot = {f"{k}/{s}": reps.get(f"{lab}/{k}/{s}") for k, _ in sweep.METRICS for s in STEPS}
+        boot = {f"{k}/{s}": reps.get(f"{lab}/{k}/{s}") for k, _ in METRICS for s in STEPS}
         out.append(dict(run=run, method=res.get("method") or BY_SPEC[res["spec"]["objective"]], sampler=lab, spec=res["spec"],
                         **info, key=res["key"], metrics=metrics, boot=boot))
     return out
@@ -204,7 +203,7 @@ def plot_metrics(groups: list[dict], teacher: dict, path: str) -> bool:
         n = len(g["runs"])
         seeded |= n > 1
         shift = 1 + 0.015 * (j - (len(groups) - 1) / 2)     # lines side by side: their error bars stay apart
-        for ax, (k, _) in zip(axes, sweep.METRICS):
+        for ax, (k, _) in zip(axes, METRICS):
             scale = 100 if k == "acc" else 1
             xs, ys, lo, hi = [], [], [], []
             for s in STEPS:
@@ -219,7 +218,7 @@ def plot_metrics(groups: list[dict], teacher: dict, path: str) -> bool:
                 lo.append(0 if not ci else max(y - scale * ci[0], 0))
                 hi.append(0 if not ci else max(scale * ci[1] - y, 0))
             ax.errorbar([x * shift for x in xs], ys, yerr=[lo, hi], fmt="o-", capsize=3, label=g["label"] + (f" ({n} seeds)" if n > 1 else ""))
-    for ax, (k, _) in zip(axes, sweep.METRICS):
+    for ax, (k, _) in zip(axes, METRICS):
         scale = 100 if k == "acc" else 1
         ax.axhline(scale * teacher[k], color="k", ls="--", lw=1, label="teacher (DDIM 25, CFG 3)")
         if teacher.get(f"{k}_ci"):
