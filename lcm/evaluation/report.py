@@ -96,7 +96,8 @@ def plot(rows: list[dict], path: str) -> bool:
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3,
                         label=name + ("" if seed is None else f" (seed {seed})"))
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("steps")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(k + (", 95% interval" if any(r.get(f"{k}_ci") for r in rows) else ""))
         ax.set_title(k + (" (lower is better)" if k in LOWER_IS_BETTER else ""))
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
