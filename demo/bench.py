@@ -1,6 +1,8 @@
 """The demo world's evaluation: the LCM paper's table in miniature, and the style composition.
 
     python -m demo.bench                      # writes docs/demo_results.md, docs/demo_*.png
+    python -m demo.bench --n 8 --cfg 3 --cfg-n 8 --out /tmp/bench8.md   # the labelled grids alone (seconds): the
+                                              # same images as a full run (per-image seeds, its first 8 prompts)
 
 Rows: DDIM and DPM-Solver++(2M) on the teacher at its best CFG (2 UNet calls per step), LCM-LoRA
 at guidance 1.0 (1 call per step), at 1, 2, 4, 8 steps; reference: the teacher, DDIM 50 steps at
@@ -52,6 +54,34 @@ def save_grid(columns: list[torch.Tensor], path: str, upscale: int = 2) -> None:
     Image.fromarray(arr).save(path)
 
 
+def labelled_grid(columns: list[torch.Tensor], col_labels: list[str], row_labels: list[str], path: str) -> None:
+    """An image grid (columns: (N, 3, H, W) in [-1, 1]) with column titles and row captions; without
+    matplotlib, save_grid's unlabelled grid."""
+    try:
+        import matplotlib
+    except ImportError:
+        save_grid(columns, path)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, cols = len(columns[0]), len(columns)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 + 0.95 * cols, 0.6 + 0.95 * rows), squeeze=False)
+    for j, (col, title) in enumerate(zip(columns, col_labels)):
+        for i in range(rows):
+            ax = axes[i, j]
+            ax.imshow(((col[i].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).float().numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=6)
+            if j == 0:
+                ax.set_ylabel(row_labels[i], fontsize=5, rotation=0, ha="right", va="center", wrap=True)
+    fig.tight_layout(pad=0.3)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(a) -> dict:
     ev = DemoEvaluator.load(a.evaluator)
     ref = ev.reference_stats(a.n_ref, seed=1, style="plain")
@@ -84,7 +114,9 @@ def run(a) -> dict:
     pipe.load_lora(a.lcm, name="lcm")
     lcm_imgs = [row("LCM-LoRA", "lcm", n, 1.0, n) for n in STEPS]
     k = min(8, a.n)
-    save_grid([teacher_imgs[:k]] + [x[:k] for x in lcm_imgs], a.grid)
+    labelled_grid([teacher_imgs[:k]] + [x[:k] for x in lcm_imgs],
+                  [f"teacher DDIM {a.teacher_steps}, s = {best_s:g}"] + [f"LCM-LoRA {n} step{'s' * (n > 1)}, s = 1"
+                                                                        for n in STEPS], prompts[:k], a.grid)
 
     # Style LoRA (0.8) + LCM-LoRA (1.0), 4 steps: style and content accuracy.
     if a.style and os.path.exists(a.style):
@@ -97,7 +129,8 @@ def run(a) -> dict:
             comp[name] = dict(style_acc=ev.style_accuracy(imgs, "outlined"),
                               content_acc=ev.prompt_accuracy(imgs, prompts)["overall"], imgs=imgs[:k])
             print(f"{name:24s} outlined {comp[name]['style_acc']:.3f} content {comp[name]['content_acc']:.3f}")
-        save_grid([comp["lcm only"]["imgs"], comp["style 0.8 + lcm 1.0"]["imgs"]], a.style_grid)
+        labelled_grid([comp["lcm only"]["imgs"], comp["style 0.8 + lcm 1.0"]["imgs"]],
+                      ["LCM-LoRA, 4 steps", "style 0.8 + LCM-LoRA 1.0, 4 steps"], prompts[:k], a.style_grid)
         res["style"] = {n: {k2: v for k2, v in c.items() if k2 != "imgs"} for n, c in comp.items()}
     return res
 

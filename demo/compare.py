@@ -34,6 +34,7 @@ import time
 import torch
 
 from demo import sweep
+from demo.bench import labelled_grid
 from demo.matrix import supported_steps
 from demo.seed_groups import (METRICS, STEPS, cell_text, comparison_table, differences, group_configs,
                                pick_reference, seed_table, summarise)
@@ -238,35 +239,6 @@ def plot_metrics(groups: list[dict], teacher: dict, path: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def labelled_grid(columns: list[torch.Tensor], col_labels: list[str], row_labels: list[str], path: str) -> None:
-    """An image grid (columns: (N, 3, H, W) in [-1, 1]) with column titles and row captions; without
-    matplotlib, demo.bench.save_grid's unlabelled grid."""
-    try:
-        import matplotlib
-    except ImportError:
-        from demo.bench import save_grid
-        save_grid(columns, path)
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows, cols = len(columns[0]), len(columns)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 + 0.95 * cols, 0.6 + 0.95 * rows), squeeze=False)
-    for j, (col, title) in enumerate(zip(columns, col_labels)):
-        for i in range(rows):
-            ax = axes[i, j]
-            ax.imshow(((col[i].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).float().numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(title, fontsize=6)
-            if j == 0:
-                ax.set_ylabel(row_labels[i], fontsize=5, rotation=0, ha="right", va="center", wrap=True)
-    fig.tight_layout(pad=0.3)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write(out: str, rows: list[dict], teacher: dict, header: str, key: dict, reference: str | None = None,
