@@ -138,6 +138,9 @@ def test_presets_compose():
     sample = _compose(["model=compose"], "sample")
     assert sample.model.path.endswith("assets/compose_teacher.safetensors")
     assert all(in_split(parse_caption(p), "train") for p in sample.model.prompts)
+    assert [os.path.basename(lo.path) for lo in sample.model.lora] == ["compose_lcm_lora.safetensors"]
+    assert os.path.isfile(sample.model.lora[0].path)
+    assert list(_compose(["experiment=compose_lcm_lora"]).lora) == []   # distillation loads no frozen LoRA
 
 
 def _run(overrides):
