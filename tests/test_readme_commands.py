@@ -38,7 +38,7 @@ SKIP = [
      "once shortened (n_prompts=4) the same run as `python evaluate.py` / `python evaluate.py baseline=DDIM`, which run"),
     (r"^torchrun .*train\.distributed=fsdp", "tests/test_fsdp.py launches the same 2-process FSDP run (and checks it against one process)"),
     (r"^python -m demo\.matrix\b", "evaluates finished training runs (CPU-hours); tests/test_matrix.py runs it on fake runs"),
-    (r"^python -m demo\.compare\b", "evaluates the three finished 400-step runs above (~25 CPU-minutes of training)"),
+    (r"^python -m demo\.compare\b", "evaluates the nine finished 400-step runs above (~72 CPU-minutes of training)"),
     (r"\.\.\.", "arguments elided in the prose; the full recipe (CPU-hours) is in docs/demo_results.md"),
 ]
 # Placeholders of real files -> bundled stand-ins, most specific first ({data}, {run}: made by the test).
