@@ -31,6 +31,7 @@ import shlex
 import statistics
 import sys
 
+from demo import matrix_claims
 from demo.matrix_report import WORLDS, write
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -196,13 +197,17 @@ def discover(run: str, steps=STEPS) -> Run:
 
 
 def name_runs(runs: list[Run]) -> list[Run]:
-    """Row names: the method, with [configuration] when one method has runs of several configurations;
-    runs sorted by method (ORDER), configuration, seed. Two runs of one name and seed are an error."""
+    """Row names: the method, with [the overrides that set its configuration apart] when one method has
+    runs of several configurations (overrides common to all of them left out; the method alone for the
+    configuration with none of its own); runs sorted by method (ORDER), configuration, seed. Two runs of
+    one name and seed are an error."""
     confs: dict = {}
     for r in runs:
         confs.setdefault(r.method, set()).add(r.configuration)
+    common = {m: set.intersection(*(set(c.split()) for c in cs)) for m, cs in confs.items()}
     for r in runs:
-        r.name = r.method + (f" [{r.configuration}]" if len(confs[r.method]) > 1 else "")
+        own = " ".join(o for o in r.configuration.split() if o not in common[r.method])
+        r.name = r.method + (f" [{own}]" if len(confs[r.method]) > 1 and own else "")
     rank = lambda r: (ORDER.index(r.method) if r.method in ORDER else len(ORDER), r.name,   # noqa: E731
                       -1 if r.train_seed is None else r.train_seed)
     runs = sorted(runs, key=rank)
@@ -302,7 +307,37 @@ def metric_keys(world: str, rows: list[dict]) -> list[str]:
     return list(dict.fromkeys([k for k in (*acc, fd) if k in present] + present))
 
 
-def numbers(runs: list[Run], rows: list[dict], reps: dict, keys: list[str], baseline: str | None) -> dict:
+def level(by: dict, reps: dict, name: str, seeds: list, s: int, k: str):
+    """(values, replicates or None, unit, intervals) of metric k at s steps over the row `name`'s training
+    seeds (by: rows keyed (name, steps, train_seed); reps: run_evaluation's replicates); None when a seed
+    lacks it."""
+    cells = [(by.get((name, s, seed)), reps.get((name, s, seed), {}).get(k)) for seed in seeds]
+    if not cells or any(c is None or c.get(k) is None for c, _ in cells):
+        return None
+    rp = [x[2] for _, x in cells] if all(x is not None for _, x in cells) else None
+    unit = next((x[1] for _, x in cells if x is not None), "prompt")
+    return [c[k] for c, _ in cells], rp, unit, [c.get(f"{k}_ci") for c, _ in cells]
+
+
+def difference(by: dict, reps: dict, groups: dict, name: str, versus: str, s: int, k: str) -> dict | None:
+    """config_difference of row `name` minus `versus` (a row name, or the teacher's single row at its own
+    steps) on metric k at s steps; None where either side lacks it."""
+    from lcm.evaluation.stats import config_difference
+    if name not in groups:
+        return None
+    a = level(by, reps, name, [m.train_seed for m in groups[name]], s, k)
+    if versus == TEACHER_NAME:
+        t = next(((n, st, sd) for (n, st, sd) in by if n == TEACHER_NAME), None)
+        b = t and level(by, reps, TEACHER_NAME, [t[2]], t[1], k)
+    else:
+        b = versus in groups and level(by, reps, versus, [m.train_seed for m in groups[versus]], s, k)
+    if a is None or not b:
+        return None
+    return config_difference(a[0], b[0], a[1], b[1], a[2])
+
+
+def numbers(runs: list[Run], rows: list[dict], reps: dict, keys: list[str], baseline: str | None,
+            claims: list[dict] | None = None) -> dict:
     """The report's numbers.
     runs[i]["results"][steps][key] = {estimate, ci}: one LoRA's value and its 95% bootstrap interval (over
       prompts for accuracy and diversity, over generated images for FD);
@@ -310,8 +345,9 @@ def numbers(runs: list[Run], rows: list[dict], reps: dict, keys: list[str], base
       over the training seeds; None for one seed), gen_ci (the bootstrap interval of the seed mean);
     verdicts = stats.config_difference of each method to the baseline at the same steps: diff, gen_ci (paired
       bootstrap), seed_ci (Welch over seeds, >= 2 seeds each), excludes_0 (every available interval excludes 0);
-    teacher[key] = {estimate, ci} of the teacher row."""
-    from lcm.evaluation.stats import config_difference, seed_level
+    teacher[key] = {estimate, ci} of the teacher row;
+    claims = demo.matrix_claims.check of the given claims (absent without)."""
+    from lcm.evaluation.stats import seed_level
     by = {(r["method"], r["steps"], r.get("train_seed")): r for r in rows}
     out_runs, groups = [], {}
     for run in runs:
@@ -328,22 +364,12 @@ def numbers(runs: list[Run], rows: list[dict], reps: dict, keys: list[str], base
                              cost=run.cost, results=res))
         groups.setdefault(run.name, []).append(run)
 
-    def level(name: str, members: list[Run], s: int, k: str):
-        """(values, replicates or None, unit, intervals) of metric k at s steps over the members' seeds;
-        None when a seed lacks it."""
-        cells = [(by.get((name, s, m.train_seed)), reps.get((name, s, m.train_seed), {}).get(k)) for m in members]
-        if any(c is None or c.get(k) is None for c, _ in cells):
-            return None
-        rp = [x[2] for _, x in cells] if all(x is not None for _, x in cells) else None
-        unit = next((x[1] for _, x in cells if x is not None), "prompt")
-        return [c[k] for c, _ in cells], rp, unit, [c.get(f"{k}_ci") for c, _ in cells]
-
     methods = []
     for name, members in groups.items():
         res = {}
         for s in sorted({s for m in members for s in m.steps}):
             for k in keys:
-                if (lv := level(name, members, s, k)) is not None:
+                if (lv := level(by, reps, name, [m.train_seed for m in members], s, k)) is not None:
                     vals, rp, unit, cis = lv
                     res.setdefault(str(s), {})[k] = seed_level(vals, cis, rp, unit)
         cost = {c: mean_of([m.cost.get(c) for m in members]) for c in members[0].cost}
@@ -359,10 +385,8 @@ def numbers(runs: list[Run], rows: list[dict], reps: dict, keys: list[str], base
                 continue
             for s in sorted(set(members[0].steps) & set(groups[baseline][0].steps)):
                 for k in keys:
-                    a, b = level(name, members, s, k), level(baseline, groups[baseline], s, k)
-                    if a is None or b is None:
+                    if (d := difference(by, reps, groups, name, baseline, s, k)) is None:
                         continue
-                    d = config_difference(a[0], b[0], a[1], b[1], a[2])
                     better = None if not d["excludes_0"] or direction(k) is None else (d["diff"] > 0) == (direction(k) > 0)
                     verdicts.append(dict(metric=k, method=name, baseline=baseline, steps=s, **d, better=better))
     teacher = {}
@@ -370,7 +394,10 @@ def numbers(runs: list[Run], rows: list[dict], reps: dict, keys: list[str], base
         if name == TEACHER_NAME:
             teacher = dict(steps=s, solver=r.get("solver"), guidance_scale=r.get("guidance_scale"),
                            **{k: dict(estimate=r.get(k), ci=r.get(f"{k}_ci")) for k in keys if k in r})
-    return dict(runs=out_runs, methods=methods, verdicts=verdicts, teacher=teacher)
+    out = dict(runs=out_runs, methods=methods, verdicts=verdicts, teacher=teacher)
+    if claims:
+        out["claims"] = matrix_claims.check(claims, lambda m, v, s, k: difference(by, reps, groups, m, v, s, k))
+    return out
 
 
 def direction(key: str) -> int | None:
@@ -416,8 +443,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-ref", type=int, default=2048, help="real images of the Frechet reference")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples of every interval")
     p.add_argument("--header", default=None, help="a Markdown file put above the tables")
+    p.add_argument("--claims", default=None, help="published claims to check (a YAML list: demo/matrix_claims.py)")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
+    claims = matrix_claims.load(a.claims) if a.claims else None
     runs = name_runs([discover(r, a.steps) for r in a.runs])
     if a.teacher is None and len({r.teacher for r in runs}) > 1:
         raise SystemExit(f"the runs were distilled from different teachers: {sorted({r.teacher for r in runs})}")
@@ -426,13 +455,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows, reps = run_evaluation(runs, a.world, work, a.n_prompts, a.seeds_per_prompt, a.seed, a.teacher_steps,
                                 a.teacher_guidance, a.batch_size, a.n_ref, a.bootstrap, a.device, a.teacher)
     keys = metric_keys(a.world, rows)
-    paths = {*a.runs, a.out, work, *(p for p in (a.header, a.teacher) if p)}
+    paths = {*a.runs, a.out, work, *(p for p in (a.header, a.teacher, a.claims) if p)}
     doc = dict(command=command_line(argv, paths), world=a.world, n_prompts=a.n_prompts,
                seeds_per_prompt=a.seeds_per_prompt, seed=a.seed, steps=sorted(a.steps), baseline=baseline,
                metrics=keys, evaluations=[dict(prompts=e.prompts, metrics=list(e.metrics), suffix=e.suffix,
                                                work=shown(os.path.join(work, e.prompts))) for e in WORLDS[a.world][1]],
                bootstrap=a.bootstrap, header=open(a.header).read().rstrip() if a.header else None,
-               **numbers(runs, rows, reps, keys, baseline))
+               **numbers(runs, rows, reps, keys, baseline, claims))
     for path in write(a.out, doc):
         print(path)
     return doc

@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+from demo import matrix_claims
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
@@ -110,6 +111,8 @@ def markdown(doc: dict) -> str:
                                                         if v["excludes_0"] else "no")
             lines.append(f"| {k} | {v['method']} | {v['steps']} | {fmt(v['diff'], k)} | {ci(v['gen_ci'])} | "
                          f"{ci(v['seed_ci'])} | {v['n_seeds'][0]} vs {v['n_seeds'][1]} | {word} |")
+    if doc.get("claims"):
+        lines += [""] + matrix_claims.markdown(doc["claims"], fmt)
     lines += ["", "## Runs", "", "| run | method | train seed | LoRA | sampler | steps |", "|---|---|---:|---|---|---|"]
     for r in doc["runs"]:
         lines.append(f"| {r['run']} | {r['name']} | {fmt(r['train_seed'])} | {r['lora']} | {r['sampler']['solver']} | "

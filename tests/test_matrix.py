@@ -190,3 +190,64 @@ def test_compose_world_evaluates_seen_and_heldout_prompt_sets(tmp_path, lora_ten
     assert {r["method"] for r in heldout} == {"teacher", "LCD", "TCD"} and "compose_fd" not in heldout[0]
     assert set(doc["runs"][1]["results"]["1"]) >= {"compose_acc", "compose_acc_heldout", "compose_fd"}
     assert "held-out pairs" in open(str(tmp_path / "matrix") + ".md").read()
+
+
+def test_published_claims_are_decided_from_the_differences(tmp_path, lora_tensors, monkeypatch):
+    """demo.matrix_claims: a claim holds, fails or stays open by the same intervals as the verdicts (PCM's
+    large deficit resolves either way, DMD2's 2-point gap does not), against another method or the teacher,
+    and a missing method is `not run`."""
+    runs = [make_run(tmp_path / "runs", m, s, lora_tensors) for m in ("LCD", "PCM", "DMD2") for s in (0, 1, 2)]
+    monkeypatch.setattr(matrix, "run_evaluation", fake_evaluation({"LCD": 0.9, "PCM": 0.3, "DMD2": 0.88}))
+    test = lambda m, v, e, steps=(1, 4): dict(method=m, versus=v, metric="demo_acc", steps=list(steps), expect=e)  # noqa: E731
+    claims = [dict(paper="P", claim="PCM beats LCD", source="abstract", test=test("PCM", "LCD", "higher")),
+              dict(paper="P", claim="PCM trails LCD", source="s. 4", test=test("PCM", "LCD", "lower")),
+              dict(paper="D", claim="DMD2 matches LCD", source="README", test=test("DMD2", "LCD", "same")),
+              dict(paper="D", claim="DMD2 beats LCD", source="README", test=test("DMD2", "LCD", "higher")),
+              dict(paper="D", claim="PCM below its teacher", source="x", test=test("PCM", "teacher", "lower", (1,))),
+              dict(paper="R", claim="rCM beats DMD2", source="abstract", test=test("rCM", "DMD2", "higher"))]
+    path = tmp_path / "claims.yaml"
+    import yaml
+    path.write_text(yaml.safe_dump(claims))
+    out = str(tmp_path / "matrix")
+    doc = matrix.main([*runs, "--out", out, "--steps", "1", "4", "--claims", str(path)])
+    got = {c["claim"]: c["outcome"] for c in doc["claims"]}
+    assert got == {"PCM beats LCD": "contradicted", "PCM trails LCD": "reproduced", "DMD2 matches LCD": "consistent",
+                   "DMD2 beats LCD": "not resolved", "PCM below its teacher": "reproduced", "rCM beats DMD2": "not run"}
+    v = {(x["method"], x["steps"]): x for x in doc["verdicts"] if x["metric"] == "demo_acc"}
+    assert doc["claims"][1]["results"][0]["diff"] == v[("PCM", 1)]["diff"]    # the verdicts' numbers
+    md = open(out + ".md").read()
+    assert "## Published claims" in md and "**partly" not in md and md.count("**reproduced**") == 2
+    path.write_text(yaml.safe_dump([dict(paper="P", claim="c", source="s", test=dict(method="PCM"))]))
+    with pytest.raises(SystemExit, match="claim 1 lacks test.versus"):
+        matrix.main([*runs, "--out", out, "--claims", str(path)])
+
+
+def test_configurations_of_one_method_are_named_by_their_own_overrides(tmp_path, lora_tensors):
+    """The Psi x k ablation's rows: LCD runs of several configurations get [the overrides they do not
+    share]; the configuration with none of its own is plain LCD; seeds still group."""
+    paths = []
+    for extra, seed in (([], 0), ([], 1), (["objective.k=50", "objective.teacher_solver=ddim"], 0),
+                        (["objective.k=50", "objective.teacher_solver=dpmsolver++"], 0)):
+        run = make_run(tmp_path / f"r{len(paths)}", "LCD", seed, lora_tensors)
+        cfg = json.load(open(os.path.join(run, "config.json")))
+        cfg["overrides"] += extra
+        json.dump(cfg, open(os.path.join(run, "config.json"), "w"))
+        paths.append(run)
+    names = [r.name for r in matrix.name_runs([matrix.discover(p) for p in paths])]
+    assert names == ["LCD", "LCD", "LCD [objective.k=50 objective.teacher_solver=ddim]",
+                     "LCD [objective.k=50 objective.teacher_solver=dpmsolver++]"]
+
+
+def test_the_shipped_claims_name_what_the_compose_matrix_reports():
+    """docs/matrix_claims.yaml loads, and each test names a matrix method (or the teacher), a metric of the
+    compose world and step counts its methods' samplers support (DMD2: 1, 2, 4), so no claim is `not run`
+    by a typo."""
+    from demo.matrix_claims import load
+    claims = load(os.path.join(ROOT, "docs", "matrix_claims.yaml"))
+    keys = {"compose_acc", "compose_acc_heldout", "compose_fd", "compose_diversity"}   # test_compose_world_...'s
+    for c in claims:
+        t = c["test"]
+        assert t["method"] in matrix.ORDER and (t["versus"] in matrix.ORDER or t["versus"] == matrix.TEACHER_NAME)
+        assert t["metric"] in keys and set(t["steps"]) <= set(matrix.STEPS)
+        if "DMD2" in (t["method"], t["versus"]):
+            assert set(t["steps"]) <= {1, 2, 4}
