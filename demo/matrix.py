@@ -7,7 +7,7 @@ project's evaluation runner (lcm/evaluation), with the cost of each method from 
 
 Writes <out>.json (every run with its method, training seed, cost and numbers; per method the mean over
 seeds with its t-interval; the verdicts against --baseline), <out>.md (a table per metric: method x
-steps, the cost table, the verdicts, the command line) and <out>.png (accuracy and Frechet distance vs
+steps, the cost table, the verdicts, the command line) and <out>.png (accuracy, Frechet distance and diversity vs
 steps, one line per method, 95% error bars). It needs nothing but the run dirs: config.json (the
 objective, train.seed, train.max_steps, train.batch_size, the teacher's model.path), metrics.jsonl
 (samples_per_s, peak_mem_mb) and the exported LoRA <objective.lora.name>.safetensors with its lcm.spec.

@@ -99,9 +99,9 @@ def markdown(checked: list[dict], fmt: Callable) -> list[str]:
              "interval excludes 0 on that side. A claim is reproduced when every step is as claimed, contradicted "
              "when any is opposite; a \"matches\" claim (expect same) is consistent when no step resolves a difference. "
              "A small world and 400 student steps test the ordering, not the papers' scale.", "",
-             "| paper | claim (source) | test | per step | outcome |", "|---|---|---|---|---|"]
+             "| paper | claim; source | test | per step | outcome |", "|---|---|---|---|---|"]
     for c in checked:
         t, k = c["test"], c["test"]["metric"]
-        lines.append(f"| {c['paper']} | {c['claim']} ({c['source']}) | {t['method']} {WORDS[t['expect']]} "
+        lines.append(f"| {c['paper']} | {c['claim']}; source: {c['source']} | {t['method']} {WORDS[t['expect']]} "
                      f"{t['versus']} on `{k}` | {'; '.join(step_text(r, k, fmt) for r in c['results'])} | **{c['outcome']}** |")
     return lines + [""]

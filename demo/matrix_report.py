@@ -1,6 +1,6 @@
 """The distillation matrix's worlds (the evaluations each runs, the metric keys it reports) and its
 report: <out>.md (a table per metric, the cost table, the verdicts, the command line), <out>.json and
-<out>.png (accuracy and Frechet distance vs steps, one line per method, 95% error bars), from the
+<out>.png (accuracy, Frechet distance and diversity vs steps, one line per method, 95% error bars), from the
 document demo/matrix.py assembles."""
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: str) -> bool:
-    """Accuracy (each accuracy key) and Frechet distance vs steps, one line per method (mean over seeds with
+    """Accuracy (each accuracy key), Frechet distance and diversity vs steps, one line per method (mean over seeds with
     its t-interval, or one seed's bootstrap interval), the teacher as a dashed line with its interval as a
     band. False when matplotlib is missing."""
     try:
@@ -133,8 +133,8 @@ def plot(doc: dict, path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     _, _, acc, fd = WORLDS[doc["world"]]
-    keys = [k for k in (*acc, fd) if k in doc["metrics"]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    keys = [k for k in (*acc, fd) if k in doc["metrics"]] + [k for k in doc["metrics"] if k.endswith("_diversity")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
     n = len(doc["methods"])
     for ax, k in zip(axes[0], keys):
         scale = 100 if "_acc" in k else 1
