@@ -251,3 +251,21 @@ def test_the_shipped_claims_name_what_the_compose_matrix_reports():
         assert t["metric"] in keys and set(t["steps"]) <= set(matrix.STEPS)
         if "DMD2" in (t["method"], t["versus"]):
             assert set(t["steps"]) <= {1, 2, 4}
+
+
+def test_the_run_queue_lists_every_cell_once_with_existing_presets():
+    """demo/matrix_queue.sh's job list: 6 methods x 3 seeds, then 15 Psi x k runs (the k = 50 pair first;
+    DDIM k = 20 is the matrix's LCD row), unique run dirs, presets that exist, the LoRA name each exports."""
+    import subprocess
+    src = open(os.path.join(ROOT, "demo", "matrix_queue.sh")).read()
+    fn = src[src.index("jobs() {"):src.index("\n}\n") + 3]
+    out = subprocess.run(["bash", "-c", fn + "jobs"], capture_output=True, text=True, check=True).stdout.split("\n")
+    jobs = [ln.split() for ln in out if ln.strip()]
+    assert len(jobs) == 18 + 15 and len({j[0] for j in jobs}) == len(jobs)
+    for d, name, exp, *rest in jobs:
+        preset = exp.removeprefix("experiment=")
+        assert os.path.isfile(os.path.join(ROOT, "conf", "experiment", preset + ".yaml"))
+        assert name == preset.split("_")[1] and f"train.seed={d[-1]}" in rest
+    psi = [j for j in jobs if "matrix_psi" in j[0]]
+    assert [j[0] for j in jobs[:18]] == [j[0] for j in jobs if "matrix_psi" not in j[0]]
+    assert all("objective.k=50" in j for j in psi[:6]) and not any("k20" in j[0] and "ddim" in j[0] for j in psi)
