@@ -7,7 +7,8 @@
 # checkpoints, so rerunning the same command after a kill or reboot continues. `touch outputs/matrix/STOP`
 # stops the workers between jobs (a SIGTERM to a train.py saves a checkpoint first); after a kill, remove
 # outputs/matrix/claims while no worker runs. Start and end times go to outputs/matrix/chain.log.
-# LOGGER="logger=wandb logger.group=matrix_compose" logs every run to one wandb group, each with the
+# PYTHON=.venv/bin/python picks the interpreter (default: python on the PATH). A job that fails (or is
+# killed) stops its worker, with its log named. LOGGER="logger=wandb logger.group=matrix_compose" logs every run to one wandb group, each with the
 # config fields `configuration` (its overrides but the seed) and `seed`, so wandb's grouping averages seeds.
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python}
@@ -28,6 +29,8 @@ jobs | while read -r d name overrides; do
   echo "start $d $(date +%s) worker $$" >> outputs/matrix/chain.log
   # shellcheck disable=SC2086
   $PY train.py $overrides $LOGGER "hydra.run.dir=$d" $r >> "$d.log" 2>&1 < /dev/null
-  echo "end $d $(date +%s) rc=$? worker $$" >> outputs/matrix/chain.log
+  rc=$?
+  echo "end $d $(date +%s) rc=$rc worker $$" >> outputs/matrix/chain.log
   rmdir "outputs/matrix/claims/$(basename "$d")"
+  if [ $rc -ne 0 ]; then echo "$d failed (exit $rc; see $d.log): this worker stops" >&2; exit $rc; fi
 done
