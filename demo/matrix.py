@@ -323,15 +323,14 @@ def difference(by: dict, reps: dict, groups: dict, name: str, versus: str, s: in
     """config_difference of row `name` minus `versus` (a row name, or the teacher's single row at its own
     steps) on metric k at s steps; None where either side lacks it."""
     from lcm.evaluation.stats import config_difference
-    if name not in groups:
-        return None
-    a = level(by, reps, name, [m.train_seed for m in groups[name]], s, k)
+    seeds = lambda n: [m.train_seed for m in groups[n]]   # noqa: E731
+    a = level(by, reps, name, seeds(name), s, k) if name in groups else None
     if versus == TEACHER_NAME:
-        t = next(((n, st, sd) for (n, st, sd) in by if n == TEACHER_NAME), None)
-        b = t and level(by, reps, TEACHER_NAME, [t[2]], t[1], k)
+        cell = next(((st, sd) for (n, st, sd) in by if n == TEACHER_NAME), None)
+        b = level(by, reps, TEACHER_NAME, [cell[1]], cell[0], k) if cell else None
     else:
-        b = versus in groups and level(by, reps, versus, [m.train_seed for m in groups[versus]], s, k)
-    if a is None or not b:
+        b = level(by, reps, versus, seeds(versus), s, k) if versus in groups else None
+    if a is None or b is None:
         return None
     return config_difference(a[0], b[0], a[1], b[1], a[2])
 

@@ -8,12 +8,13 @@
 # stops the workers between jobs (a SIGTERM to a train.py saves a checkpoint first); after a kill, remove
 # outputs/matrix/claims while no worker runs. Start and end times go to outputs/matrix/chain.log.
 # PYTHON=.venv/bin/python picks the interpreter (default: python on the PATH). A job that fails (or is
-# killed) stops its worker, with its log named. LOGGER="logger=wandb logger.group=matrix_compose" logs every run to one wandb group, each with the
-# config fields `configuration` (its overrides but the seed) and `seed`, so wandb's grouping averages seeds.
+# killed) stops its worker, with its log named. LOGGER="logger=wandb logger.group=matrix_compose" logs
+# every run to one wandb group, each with the config fields `configuration` (its overrides but the seed)
+# and `seed`, so wandb's grouping averages seeds.
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python}
 mkdir -p outputs/matrix/claims outputs/matrix_psi
-jobs() {
+job_list() {
   for s in 0 1 2; do for m in tcd pcm scm lcm dmd2 rcm; do
     echo "outputs/matrix/compose_${m}_lora_s$s $m experiment=compose_${m}_lora train.seed=$s"; done; done
   for k in 50 5 20; do for psi in ddim dpmsolver++; do for s in 0 1 2; do
@@ -21,7 +22,7 @@ jobs() {
     echo "outputs/matrix_psi/psi_${psi}_k${k}_s$s lcm experiment=compose_lcm_lora objective.teacher_solver=$psi objective.k=$k train.seed=$s"
   done; done; done
 }
-jobs | while read -r d name overrides; do
+job_list | while read -r d name overrides; do
   [ -f outputs/matrix/STOP ] && exit 0
   [ -f "$d/$name.safetensors" ] && continue
   mkdir "outputs/matrix/claims/$(basename "$d")" 2>/dev/null || continue

@@ -11,6 +11,7 @@ import os
 
 from demo import matrix_claims
 
+
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
     """One evaluate run: a prompt set, its metrics, and the suffix its metric keys get in the report."""

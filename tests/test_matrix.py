@@ -258,8 +258,8 @@ def test_the_run_queue_lists_every_cell_once_with_existing_presets():
     DDIM k = 20 is the matrix's LCD row), unique run dirs, presets that exist, the LoRA name each exports."""
     import subprocess
     src = open(os.path.join(ROOT, "demo", "matrix_queue.sh")).read()
-    fn = src[src.index("jobs() {"):src.index("\n}\n") + 3]
-    out = subprocess.run(["bash", "-c", fn + "jobs"], capture_output=True, text=True, check=True).stdout.split("\n")
+    fn = src[src.index("job_list() {"):src.index("\n}\n") + 3]
+    out = subprocess.run(["bash", "-c", fn + "job_list"], capture_output=True, text=True, check=True).stdout.split("\n")
     jobs = [ln.split() for ln in out if ln.strip()]
     assert len(jobs) == 18 + 15 and len({j[0] for j in jobs}) == len(jobs)
     for d, name, exp, *rest in jobs:
