@@ -153,7 +153,8 @@ def cost_of(run: str, cfg: dict, method: str) -> dict:
     metrics.jsonl (one training step, generator and fake-score steps alike), seconds_per_student_step =
     that x gen_every, peak_mem_mb = the largest peak_mem_mb logged (the trainer's peak: CUDA allocated,
     else the process RSS), train_steps = train.max_steps, student_steps = train_steps / gen_every (the
-    student / generator optimizer updates)."""
+    student / generator optimizer updates), train_minutes = seconds_per_step x train_steps / 60 (the run's
+    training time at its median speed, pauses and resumes not counted)."""
     rows = []
     if os.path.isfile(p := os.path.join(run, "metrics.jsonl")):
         with open(p) as f:
@@ -169,7 +170,7 @@ def cost_of(run: str, cfg: dict, method: str) -> dict:
                 unet_passes_per_student_step=passes and passes["per_student_step"], gen_every=R,
                 seconds_per_step=sec, seconds_per_student_step=sec and sec * R,
                 peak_mem_mb=max(mems) if mems else None, train_steps=steps, student_steps=steps and steps // R,
-                batch_size=batch, logged_steps=len(rates))
+                batch_size=batch, logged_steps=len(rates), train_minutes=sec and steps and sec * steps / 60)
 
 
 def discover(run: str, steps=STEPS) -> Run:
@@ -371,7 +372,8 @@ def numbers(runs: list[Run], rows: list[dict], reps: dict, keys: list[str], base
                 if (lv := level(by, reps, name, [m.train_seed for m in members], s, k)) is not None:
                     vals, rp, unit, cis = lv
                     res.setdefault(str(s), {})[k] = seed_level(vals, cis, rp, unit)
-        cost = {c: mean_of([m.cost.get(c) for m in members]) for c in members[0].cost}
+        cost = {c: (min_of if c.startswith(("seconds", "peak")) else mean_of)([m.cost.get(c) for m in members])
+                for c in members[0].cost}   # runs share the machine: the fastest is the least disturbed
         methods.append(dict(name=name, method=members[0].method, n_seeds=len(members),
                             seeds=[m.train_seed for m in members], runs=[shown(m.path) for m in members],
                             sampler=dict(solver=members[0].solver, eta=members[0].eta), cost=cost, results=res))
@@ -415,6 +417,12 @@ def shown(path: str) -> str:
 def command_line(argv: list[str], paths: set[str]) -> str:
     """The command that made the report, its path arguments shown()."""
     return "python -m demo.matrix " + shlex.join([shown(t) if t in paths else t for t in argv])
+
+
+def min_of(values: list):
+    """The smallest of the numbers among values (None when there are none)."""
+    v = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    return min(v) if v else None
 
 
 def mean_of(values: list):

@@ -49,11 +49,39 @@ def est_ci(v, ci, k: str) -> str:
     return fmt(v, k) + (f" [{fmt(ci[0], k)}, {fmt(ci[1], k)}]" if ci and None not in ci else "")
 
 
+def shown_ci(level: dict, k: str = "") -> list | None:
+    """The interval the tables and the plot show for a stats.seed_level of metric k: over several seeds the
+    hull of the t-interval over seeds and the bootstrap interval of the seed mean (gen_ci), so that neither
+    source of error is hidden (two seeds that tie give a zero-width t-interval); for one seed its bootstrap
+    interval. Cut to the metric's range (>= 0; accuracy <= 1): a t-interval over few seeds can leave it."""
+    ci, gen = level["ci"], level["gen_ci"]
+    if level["n_seeds"] > 1 and gen:
+        ci = [min(ci[0], gen[0]), max(ci[1], gen[1])]
+    elif level["n_seeds"] == 1:
+        ci = gen
+    return ci and [max(ci[0], 0.0), min(ci[1], 1.0) if "_acc" in k else ci[1]]
+
+
 def method_cell(level: dict | None, k: str) -> str:
-    """mean [t-interval] over seeds; for one seed its estimate [bootstrap interval] (the gen_ci)."""
-    if level is None:
-        return "-"
-    return est_ci(level["mean"], level["ci"] if level["n_seeds"] > 1 else level["gen_ci"], k)
+    return "-" if level is None else est_ci(level["mean"], shown_ci(level, k), k)
+
+
+def summary(doc: dict) -> list[str]:
+    """The summary (the README copies it; tests/test_matrix.py checks the copy): a table of the first metric
+    (seen accuracy) at every step count with its interval, the seed count and the cost per student step, and
+    the teacher's value."""
+    k, steps, t = doc["metrics"][0], doc["steps"], doc["teacher"]
+    lines = [f"| method | seeds | {LABELS.get(k, k)}: " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in steps)
+             + " | UNet passes / student step | s / student step |", "|---|---:|" + "---:|" * (len(steps) + 2)]
+    for m in doc["methods"]:
+        c = m["cost"]
+        lines.append(f"| {m['name']} | {m['n_seeds']} | "
+                     + " | ".join(method_cell(m["results"].get(str(s), {}).get(k), k) for s in steps)
+                     + f" | {fmt(c['unet_passes_per_student_step']) or 'n/a'} | {fmt(c['seconds_per_student_step']) or 'n/a'} |")
+    if k in t:
+        lines += ["", f"Teacher (DDIM {t['steps']} steps, CFG {fmt(t['guidance_scale'])}): "
+                      f"{est_ci(t[k]['estimate'], t[k]['ci'], k)}."]
+    return lines
 
 
 def markdown(doc: dict) -> str:
@@ -62,10 +90,11 @@ def markdown(doc: dict) -> str:
              f"World `{doc['world']}`, {doc['n_prompts']} prompt{'s' * (doc['n_prompts'] > 1)} x "
              f"{doc['seeds_per_prompt']} images per cell "
              f"(prompt sets: {', '.join(e['prompts'] for e in doc['evaluations'])}). Each cell: the mean over the "
-             "method's training seeds [95% t-interval over seeds]; with one seed, that LoRA's estimate [95% bootstrap "
-             "interval] (accuracy and diversity over prompts, FD over images; docs/statistics.md). Accuracy in %; "
+             "method's training seeds [95% interval: on each side the wider of the t-interval over seeds and the "
+             "bootstrap interval of the seed mean, cut to the metric's range; the json has both]; with one seed, that LoRA's estimate [95% "
+             "bootstrap interval] (accuracy and diversity over prompts, FD over images; docs/statistics.md). Accuracy in %; "
              f"-: a step count the method's sampler does not support. Teacher: DDIM {t.get('steps')} steps, CFG "
-             f"{fmt(t.get('guidance_scale'))}.", ""]
+             f"{fmt(t.get('guidance_scale'))}.", "", "## Summary", "", *summary(doc), ""]
     for k in keys:
         lines += [f"## {LABELS.get(k, k)} (`{k}`)", "",
                   "| method | sampler | seeds | " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in steps) + " |",
@@ -79,21 +108,27 @@ def markdown(doc: dict) -> str:
                           f"{est_ci(t[k]['estimate'], t[k]['ci'], k)}."]
         lines.append("")
     lines += ["## Cost of training", "",
-              "Mean over the method's runs. UNet passes: forward passes per training step, a CFG pair counted 2, "
+              "UNet passes: forward passes per training step, a CFG pair counted 2, "
               "backward passes not counted (demo/matrix.py unet_passes names the source of each count); a student "
               "step = one student / generator update with the gen_every - 1 fake-score updates between (DMD2, rCM). "
               "Seconds: train.batch_size / the median samples_per_s of metrics.jsonl. Peak memory: the largest "
-              "peak_mem_mb logged.", "",
+              "peak_mem_mb logged. Seconds and memory: the fastest / smallest of the method's runs (runs share "
+              "the machine with others; the UNet passes are the load-free count). Training min: s / step x train steps / 60, one run (its total: the sum over "
+              "the runs below the table).", "",
               "| method | seeds | train steps | student steps | batch | UNet passes / step | gen_every | "
-              "UNet passes / student step | s / step | s / student step | peak MB |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "UNet passes / student step | s / step | s / student step | peak MB | training min |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in doc["methods"]:
         c = m["cost"]
         lines.append(f"| {m['name']} | {m['n_seeds']} | {fmt(c['train_steps'])} | {fmt(c['student_steps'])} | "
                      f"{fmt(c['batch_size'])} | "
                      f"{fmt(c['unet_passes_per_step']) or 'n/a'} | {fmt(c['gen_every'])} | "
                      f"{fmt(c['unet_passes_per_student_step']) or 'n/a'} | {fmt(c['seconds_per_step']) or 'n/a'} | "
-                     f"{fmt(c['seconds_per_student_step']) or 'n/a'} | {fmt(c['peak_mem_mb']) or 'n/a'} |")
+                     f"{fmt(c['seconds_per_student_step']) or 'n/a'} | {fmt(c['peak_mem_mb']) or 'n/a'} | "
+                     f"{fmt(c.get('train_minutes')) or 'n/a'} |")
+    total = [r["cost"].get("train_minutes") for r in doc["runs"]]
+    if total and None not in total:
+        lines += ["", f"Training time of the {len(total)} runs: {sum(total):.0f} min at their median speeds."]
     if doc["baseline"]:
         lines += ["", f"## Verdicts against {doc['baseline']}", "",
                   "Method minus baseline at the same steps: the paired bootstrap interval of the difference (the same "
@@ -124,7 +159,7 @@ def markdown(doc: dict) -> str:
 
 def plot(doc: dict, path: str) -> bool:
     """Accuracy (each accuracy key), Frechet distance and diversity vs steps, one line per method (mean over seeds with
-    its t-interval, or one seed's bootstrap interval), the teacher as a dashed line with its interval as a
+    shown_ci's interval), the teacher as a dashed line with its interval as a
     band. False when matplotlib is missing."""
     try:
         import matplotlib
@@ -145,7 +180,7 @@ def plot(doc: dict, path: str) -> bool:
                 continue
             xs, ys, lo, hi = [], [], [], []
             for s, lv in sorted(pts):
-                ci = lv["ci"] if lv["n_seeds"] > 1 else lv["gen_ci"]
+                ci = shown_ci(lv, k)
                 y = scale * lv["mean"]
                 xs.append(s * (1 + 0.02 * (j - (n - 1) / 2)))      # side by side: error bars stay apart
                 ys.append(y)
@@ -165,8 +200,8 @@ def plot(doc: dict, path: str) -> bool:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Distilled LoRAs vs sampling steps ({doc['world']} world, {doc['n_prompts']} prompts)")
-    fig.text(0.5, 0.005, "error bars: 95% t-interval over training seeds (several seeds), else the LoRA's bootstrap "
-             "interval; band: the teacher's interval", ha="center", va="bottom", fontsize=8)
+    fig.text(0.5, 0.005, "error bars: 95%, the wider of the t-interval over training seeds and the bootstrap "
+             "interval of the seed mean (one seed: its bootstrap interval); band: the teacher's interval", ha="center", va="bottom", fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

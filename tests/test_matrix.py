@@ -91,6 +91,7 @@ def test_cost_columns(tmp_path, lora_tensors):
     assert c["DMD2"]["seconds_per_student_step"] == pytest.approx(5 * 32 / 16.0)
     assert c["LCD"]["peak_mem_mb"] == 1002.0 and c["LCD"]["train_steps"] == c["LCD"]["student_steps"] == 400
     assert c["DMD2"]["student_steps"] == 400 // 5
+    assert c["DMD2"]["train_minutes"] == pytest.approx(400 * 32 / 16.0 / 60)   # train steps x s / step
 
 
 def fake_evaluation(effect: dict):
@@ -140,6 +141,10 @@ def test_report_groups_seeds_and_writes_every_run_and_verdict(tmp_path, lora_ten
     for x in v.values():
         assert {"diff", "gen_ci", "seed_ci", "excludes_0", "n_seeds"} <= set(x) and x["n_seeds"] == [3, 3]
     assert "## Verdicts against LCD" in md and "## Cost of training" in md and "python -m demo.matrix" in md
+    assert f"Training time of the 9 runs: {sum(r['cost']['train_minutes'] for r in saved['runs']):.0f} min" in md
+    summary = md.split("## Summary\n\n", 1)[1].split("\n\n## ", 1)[0].splitlines()
+    assert [row.split(" | ")[:2] for row in summary[2:5]] == [["| LCD", "3"], ["| PCM", "3"], ["| DMD2", "3"]]
+    assert summary[4].split(" | ")[4] == "-" and summary[-1].startswith("Teacher (DDIM 2 steps")   # DMD2: no 8
     assert saved["command"] == doc["command"] and saved["command"].endswith("--steps 1 4 8")
 
 
@@ -269,3 +274,24 @@ def test_the_run_queue_lists_every_cell_once_with_existing_presets():
     psi = [j for j in jobs if "matrix_psi" in j[0]]
     assert [j[0] for j in jobs[:18]] == [j[0] for j in jobs if "matrix_psi" not in j[0]]
     assert all("objective.k=50" in j for j in psi[:6]) and not any("k20" in j[0] and "ddim" in j[0] for j in psi)
+
+
+def test_the_readme_copies_the_matrix_summary_as_the_report_wrote_it():
+    """The README's matrix table and teacher line are docs/matrix.md's summary, verbatim: a report rerun from
+    more seeds without the README updated (or a hand-edited number) fails here."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme, page = (open(os.path.join(root, f)).read() for f in ("README.md", "docs/matrix.md"))
+    assert "## Summary\n\n" in page, "docs/matrix.md has no summary: rerun its report command (it ends the page)"
+    block = page.split("## Summary\n\n", 1)[1].split("\n\n## ", 1)[0]
+    assert block in readme, "README.md's matrix summary differs from docs/matrix.md's: copy it from there"
+
+
+def test_the_shown_interval_hides_neither_the_seeds_nor_the_prompts():
+    from demo.matrix_report import shown_ci
+    tie = dict(n_seeds=2, mean=0.5, ci=[0.5, 0.5], gen_ci=[0.45, 0.56])   # two seeds that tie: zero-width t
+    assert shown_ci(tie) == [0.45, 0.56]
+    assert shown_ci(dict(n_seeds=3, mean=0.5, ci=[0.3, 0.7], gen_ci=[0.45, 0.56])) == [0.3, 0.7]
+    assert shown_ci(dict(n_seeds=3, mean=0.5, ci=[0.3, 0.52], gen_ci=[0.45, 0.56])) == [0.3, 0.56]
+    assert shown_ci(dict(n_seeds=1, mean=0.5, ci=None, gen_ci=[0.45, 0.56])) == [0.45, 0.56]
+    wide = dict(n_seeds=2, mean=0.9, ci=[0.7, 1.1], gen_ci=[0.85, 0.95])      # few seeds: t leaves [0, 1]
+    assert shown_ci(wide, "compose_acc") == [0.7, 1.0] and shown_ci(wide, "compose_fd") == [0.7, 1.1]
