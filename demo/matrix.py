@@ -419,15 +419,19 @@ def command_line(argv: list[str], paths: set[str]) -> str:
     return "python -m demo.matrix " + shlex.join([shown(t) if t in paths else t for t in argv])
 
 
+def numbers_among(values: list) -> list:
+    return [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+
+
 def min_of(values: list):
     """The smallest of the numbers among values (None when there are none)."""
-    v = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    v = numbers_among(values)
     return min(v) if v else None
 
 
 def mean_of(values: list):
     """The mean of the numbers among values (None when there are none)."""
-    v = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    v = numbers_among(values)
     return sum(v) / len(v) if v else (values[0] if values and all(x == values[0] for x in values) else None)
 
 def main(argv: list[str] | None = None) -> dict:

@@ -91,8 +91,9 @@ def markdown(doc: dict) -> str:
              f"{doc['seeds_per_prompt']} images per cell "
              f"(prompt sets: {', '.join(e['prompts'] for e in doc['evaluations'])}). Each cell: the mean over the "
              "method's training seeds [95% interval: on each side the wider of the t-interval over seeds and the "
-             "bootstrap interval of the seed mean, cut to the metric's range; the json has both]; with one seed, that LoRA's estimate [95% "
-             "bootstrap interval] (accuracy and diversity over prompts, FD over images; docs/statistics.md). Accuracy in %; "
+             "bootstrap interval of the seed mean, cut to the metric's range; the json has both]; with one seed, "
+             "that LoRA's estimate [95% bootstrap interval] (accuracy and diversity over prompts, FD over images; "
+             "docs/statistics.md). Accuracy in %; "
              f"-: a step count the method's sampler does not support. Teacher: DDIM {t.get('steps')} steps, CFG "
              f"{fmt(t.get('guidance_scale'))}.", "", "## Summary", "", *summary(doc), ""]
     for k in keys:
@@ -113,8 +114,8 @@ def markdown(doc: dict) -> str:
               "step = one student / generator update with the gen_every - 1 fake-score updates between (DMD2, rCM). "
               "Seconds: train.batch_size / the median samples_per_s of metrics.jsonl. Peak memory: the largest "
               "peak_mem_mb logged. Seconds and memory: the fastest / smallest of the method's runs (runs share "
-              "the machine with others; the UNet passes are the load-free count). Training min: s / step x train steps / 60, one run (its total: the sum over "
-              "the runs below the table).", "",
+              "the machine with others; the UNet passes are the load-free count). Training min: s / step x train "
+              "steps / 60, one run (its total: the sum over the runs below the table).", "",
               "| method | seeds | train steps | student steps | batch | UNet passes / step | gen_every | "
               "UNet passes / student step | s / step | s / student step | peak MB | training min |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -201,7 +202,8 @@ def plot(doc: dict, path: str) -> bool:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Distilled LoRAs vs sampling steps ({doc['world']} world, {doc['n_prompts']} prompts)")
     fig.text(0.5, 0.005, "error bars: 95%, the wider of the t-interval over training seeds and the bootstrap "
-             "interval of the seed mean (one seed: its bootstrap interval); band: the teacher's interval", ha="center", va="bottom", fontsize=8)
+             "interval of the seed mean (one seed: its bootstrap interval); band: the teacher's interval",
+             ha="center", va="bottom", fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -279,8 +279,7 @@ def test_the_run_queue_lists_every_cell_once_with_existing_presets():
 def test_the_readme_copies_the_matrix_summary_as_the_report_wrote_it():
     """The README's matrix table and teacher line are docs/matrix.md's summary, verbatim: a report rerun from
     more seeds without the README updated (or a hand-edited number) fails here."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    readme, page = (open(os.path.join(root, f)).read() for f in ("README.md", "docs/matrix.md"))
+    readme, page = (open(os.path.join(ROOT, f)).read() for f in ("README.md", "docs/matrix.md"))
     assert "## Summary\n\n" in page, "docs/matrix.md has no summary: rerun its report command (it ends the page)"
     block = page.split("## Summary\n\n", 1)[1].split("\n\n## ", 1)[0]
     assert block in readme, "README.md's matrix summary differs from docs/matrix.md's: copy it from there"
