@@ -66,21 +66,31 @@ def method_cell(level: dict | None, k: str) -> str:
     return "-" if level is None else est_ci(level["mean"], shown_ci(level, k), k)
 
 
+def cost_cell(c: dict, key: str) -> str:
+    return fmt(c.get(key)) or "n/a"
+
+
 def summary(doc: dict) -> list[str]:
-    """The summary (the README copies it; tests/test_matrix.py checks the copy): a table of the first metric
-    (seen accuracy) at every step count with its interval, the seed count and the cost per student step, and
-    the teacher's value."""
-    k, steps, t = doc["metrics"][0], doc["steps"], doc["teacher"]
-    lines = [f"| method | seeds | {LABELS.get(k, k)}: " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in steps)
-             + " | UNet passes / student step | s / student step |", "|---|---:|" + "---:|" * (len(steps) + 2)]
-    for m in doc["methods"]:
-        c = m["cost"]
-        lines.append(f"| {m['name']} | {m['n_seeds']} | "
-                     + " | ".join(method_cell(m["results"].get(str(s), {}).get(k), k) for s in steps)
-                     + f" | {fmt(c['unet_passes_per_student_step']) or 'n/a'} | {fmt(c['seconds_per_student_step']) or 'n/a'} |")
-    if k in t:
-        lines += ["", f"Teacher (DDIM {t['steps']} steps, CFG {fmt(t['guidance_scale'])}): "
-                      f"{est_ci(t[k]['estimate'], t[k]['ci'], k)}."]
+    """The summary (the README copies it; tests/test_matrix.py checks the copy): the first accuracy metric (seen
+    accuracy) and the Frechet distance at every step count with their intervals, the seed count, the cost per
+    student step (on the first table), and the teacher's values."""
+    _, _, acc, fd = WORLDS[doc["world"]]
+    keys, steps, t = [k for k in (acc[0], fd) if k in doc["metrics"]], doc["steps"], doc["teacher"]
+    lines = []
+    for i, k in enumerate(keys):
+        cost = " | UNet passes / student step | s / student step" if i == 0 else ""
+        lines += [""] * (i > 0) + [
+            f"| method | seeds | {LABELS.get(k, k)}: " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in steps)
+            + cost + " |", "|---|---:|" + "---:|" * (len(steps) + 2 * (i == 0))]
+        for m in doc["methods"]:
+            c = m["cost"]
+            lines.append(f"| {m['name']} | {m['n_seeds']} | "
+                         + " | ".join(method_cell(m["results"].get(str(s), {}).get(k), k) for s in steps)
+                         + (f" | {cost_cell(c, 'unet_passes_per_student_step')} | "
+                            f"{cost_cell(c, 'seconds_per_student_step')}" if i == 0 else "") + " |")
+    shown = [f"{'accuracy' if '_acc' in k else 'FD'} {est_ci(t[k]['estimate'], t[k]['ci'], k)}" for k in keys if k in t]
+    if shown:
+        lines += ["", f"Teacher (DDIM {t['steps']} steps, CFG {fmt(t['guidance_scale'])}): {'; '.join(shown)}."]
     return lines
 
 
@@ -122,11 +132,10 @@ def markdown(doc: dict) -> str:
     for m in doc["methods"]:
         c = m["cost"]
         lines.append(f"| {m['name']} | {m['n_seeds']} | {fmt(c['train_steps'])} | {fmt(c['student_steps'])} | "
-                     f"{fmt(c['batch_size'])} | "
-                     f"{fmt(c['unet_passes_per_step']) or 'n/a'} | {fmt(c['gen_every'])} | "
-                     f"{fmt(c['unet_passes_per_student_step']) or 'n/a'} | {fmt(c['seconds_per_step']) or 'n/a'} | "
-                     f"{fmt(c['seconds_per_student_step']) or 'n/a'} | {fmt(c['peak_mem_mb']) or 'n/a'} | "
-                     f"{fmt(c.get('train_minutes')) or 'n/a'} |")
+                     f"{fmt(c['batch_size'])} | {cost_cell(c, 'unet_passes_per_step')} | {fmt(c['gen_every'])} | "
+                     + " | ".join(cost_cell(c, key) for key in ("unet_passes_per_student_step", "seconds_per_step",
+                                                                 "seconds_per_student_step", "peak_mem_mb",
+                                                                 "train_minutes")) + " |")
     total = [r["cost"].get("train_minutes") for r in doc["runs"]]
     if total and None not in total:
         lines += ["", f"Training time of the {len(total)} runs: {sum(total):.0f} min at their median speeds."]

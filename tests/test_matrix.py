@@ -145,6 +145,9 @@ def test_report_groups_seeds_and_writes_every_run_and_verdict(tmp_path, lora_ten
     summary = md.split("## Summary\n\n", 1)[1].split("\n\n## ", 1)[0].splitlines()
     assert [row.split(" | ")[:2] for row in summary[2:5]] == [["| LCD", "3"], ["| PCM", "3"], ["| DMD2", "3"]]
     assert summary[4].split(" | ")[4] == "-" and summary[-1].startswith("Teacher (DDIM 2 steps")   # DMD2: no 8
+    fd = summary[summary.index("") + 1:]                          # the Frechet table, without the cost columns
+    assert fd[0].startswith("| method | seeds | Frechet distance") and fd[0].count(" | ") == 4
+    assert [row.split(" | ")[0] for row in fd[2:5]] == ["| LCD", "| PCM", "| DMD2"] and "; FD " in summary[-1]
     assert saved["command"] == doc["command"] and saved["command"].endswith("--steps 1 4 8")
 
 
