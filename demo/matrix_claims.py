@@ -94,7 +94,8 @@ def step_text(r: dict, k: str, fmt: Callable) -> str:
 def markdown(checked: list[dict], fmt: Callable) -> list[str]:
     """The report's section: a table per claim row (paper, claim, test, per-step differences, outcome)."""
     lines = ["## Published claims, checked in miniature", "",
-             "Each claim tested as an ordering on this tier (docs/matrix_claims.yaml; demo/matrix_claims.py). Per step: "
+             "Each claim tested as an ordering on this tier (the --claims file of the command that ends this page; "
+             "demo/matrix_claims.py). Per step: "
              "method minus versus [paired bootstrap] {Welch over seeds}; *as claimed* / *opposite* when every available "
              "interval excludes 0 on that side. A claim is reproduced when every step is as claimed, contradicted "
              "when any is opposite; a \"matches\" claim (expect same) is consistent when no step resolves a difference. "
