@@ -279,13 +279,15 @@ def test_the_run_queue_lists_every_cell_once_with_existing_presets():
     assert all("objective.k=50" in j for j in psi[:6]) and not any("k20" in j[0] and "ddim" in j[0] for j in psi)
 
 
-def test_the_readme_copies_the_matrix_summary_as_the_report_wrote_it():
-    """The README's matrix table and teacher line are docs/matrix.md's summary, verbatim: a report rerun from
-    more seeds without the README updated (or a hand-edited number) fails here."""
-    readme, page = (open(os.path.join(ROOT, f)).read() for f in ("README.md", "docs/matrix.md"))
-    assert "## Summary\n\n" in page, "docs/matrix.md has no summary: rerun its report command (it ends the page)"
-    block = page.split("## Summary\n\n", 1)[1].split("\n\n## ", 1)[0]
-    assert block in readme, "README.md's matrix summary differs from docs/matrix.md's: copy it from there"
+@pytest.mark.parametrize("page", ["docs/matrix.md", "docs/matrix_psi.md"])
+def test_the_readme_copies_the_matrix_summary_as_the_report_wrote_it(page):
+    """The README's tables and teacher line of the matrix and of the Psi x k ablation are their pages'
+    summaries, verbatim: a report rerun from more seeds without the README updated (or a hand-edited number)
+    fails here."""
+    readme, text = (open(os.path.join(ROOT, f)).read() for f in ("README.md", page))
+    assert "## Summary\n\n" in text, f"{page} has no summary: rerun its report command (it ends the page)"
+    block = text.split("## Summary\n\n", 1)[1].split("\n\n## ", 1)[0]
+    assert block in readme, f"README.md's summary of {page} differs from the page's: copy it from there"
 
 
 def test_the_shown_interval_hides_neither_the_seeds_nor_the_prompts():
