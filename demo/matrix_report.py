@@ -180,7 +180,7 @@ def plot(doc: dict, path: str) -> bool:
     import matplotlib.pyplot as plt
     _, _, acc, fd = WORLDS[doc["world"]]
     keys = [k for k in (*acc, fd) if k in doc["metrics"]] + [k for k in doc["metrics"] if k.endswith("_diversity")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4.8), squeeze=False)
     n = len(doc["methods"])
     for ax, k in zip(axes[0], keys):
         scale = 100 if "_acc" in k else 1
@@ -208,12 +208,13 @@ def plot(doc: dict, path: str) -> bool:
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(LABELS.get(k, k))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()   # under the panels: long names hide no point
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, bbox_to_anchor=(0.5, 0.04))
     fig.suptitle(f"Distilled LoRAs vs sampling steps ({doc['world']} world, {doc['n_prompts']} prompts)")
     fig.text(0.5, 0.005, "error bars: 95%, the wider of the t-interval over training seeds and the bootstrap "
              "interval of the seed mean (one seed: its bootstrap interval); band: the teacher's interval",
              ha="center", va="bottom", fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * math.ceil(len(labels) / 4), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
