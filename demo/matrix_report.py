@@ -66,6 +66,18 @@ def method_cell(level: dict | None, k: str) -> str:
     return "-" if level is None else est_ci(level["mean"], shown_ci(level, k), k)
 
 
+def step_header(steps: list[int]) -> str:
+    return " | ".join(f"{s} step{'s' * (s > 1)}" for s in steps)
+
+
+def step_cells(m: dict, k: str, steps: list[int]) -> str:
+    """A method's row cells of metric k, one per step count."""
+    return " | ".join(method_cell(m["results"].get(str(s), {}).get(k), k) for s in steps)
+
+
+COST_HEADS = {"unet_passes_per_student_step": "UNet passes / student step", "seconds_per_student_step": "s / student step"}
+
+
 def cost_cell(c: dict, key: str) -> str:
     return fmt(c.get(key)) or "n/a"
 
@@ -78,16 +90,12 @@ def summary(doc: dict) -> list[str]:
     keys, steps, t = [k for k in (acc[0], fd) if k in doc["metrics"]], doc["steps"], doc["teacher"]
     lines = []
     for i, k in enumerate(keys):
-        cost = " | UNet passes / student step | s / student step" if i == 0 else ""
+        cost = ("unet_passes_per_student_step", "seconds_per_student_step") if i == 0 else ()   # on the first table
         lines += [""] * (i > 0) + [
-            f"| method | seeds | {LABELS.get(k, k)}: " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in steps)
-            + cost + " |", "|---|---:|" + "---:|" * (len(steps) + 2 * (i == 0))]
-        for m in doc["methods"]:
-            c = m["cost"]
-            lines.append(f"| {m['name']} | {m['n_seeds']} | "
-                         + " | ".join(method_cell(m["results"].get(str(s), {}).get(k), k) for s in steps)
-                         + (f" | {cost_cell(c, 'unet_passes_per_student_step')} | "
-                            f"{cost_cell(c, 'seconds_per_student_step')}" if i == 0 else "") + " |")
+            f"| method | seeds | {LABELS.get(k, k)}: {step_header(steps)}"
+            + "".join(f" | {COST_HEADS[key]}" for key in cost) + " |", "|---|---:|" + "---:|" * (len(steps) + len(cost))]
+        lines += [f"| {m['name']} | {m['n_seeds']} | {step_cells(m, k, steps)}"
+                  + "".join(f" | {cost_cell(m['cost'], key)}" for key in cost) + " |" for m in doc["methods"]]
     shown = [f"{'accuracy' if '_acc' in k else 'FD'} {est_ci(t[k]['estimate'], t[k]['ci'], k)}" for k in keys if k in t]
     if shown:
         lines += ["", f"Teacher (DDIM {t['steps']} steps, CFG {fmt(t['guidance_scale'])}): {'; '.join(shown)}."]
@@ -108,12 +116,11 @@ def markdown(doc: dict) -> str:
              f"{fmt(t.get('guidance_scale'))}.", "", "## Summary", "", *summary(doc), ""]
     for k in keys:
         lines += [f"## {LABELS.get(k, k)} (`{k}`)", "",
-                  "| method | sampler | seeds | " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in steps) + " |",
+                  f"| method | sampler | seeds | {step_header(steps)} |",
                   "|---|---|---:|" + "---:|" * len(steps)]
         for m in doc["methods"]:
             sampler = m["sampler"]["solver"] + (f" (eta {m['sampler']['eta']:g})" if m["sampler"]["eta"] is not None else "")
-            lines.append(f"| {m['name']} | {sampler} | {m['n_seeds']} | "
-                         + " | ".join(method_cell(m["results"].get(str(s), {}).get(k), k) for s in steps) + " |")
+            lines.append(f"| {m['name']} | {sampler} | {m['n_seeds']} | {step_cells(m, k, steps)} |")
         if k in t:
             lines += ["", f"Teacher (DDIM {t['steps']} steps, CFG {fmt(t['guidance_scale'])}): "
                           f"{est_ci(t[k]['estimate'], t[k]['ci'], k)}."]
